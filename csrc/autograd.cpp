@@ -1,0 +1,152 @@
+// Autograd kernels: each forward redispatches below autograd to the backend
+// kernel, each backward calls the op's *_backward op through the dispatcher,
+// so compiled graphs and C++ users see the same backward ops.
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include "moe_routing.h"
+
+namespace moe_routing::autograd {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+template <class Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+class RouteFunction : public torch::autograd::Function<RouteFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, int64_t k,
+                               c10::string_view score, std::optional<bool> normalize,
+                               const std::optional<at::Tensor>& bias, int64_t num_groups,
+                               int64_t topk_groups, double scale) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [weights, experts, scores] = moe_routing::route(
+        logits, k, std::string(score), normalize, bias, num_groups, topk_groups, scale);
+    ctx->mark_non_differentiable({experts});
+    ctx->save_for_backward({weights, experts, scores});
+    ctx->saved_data["score"] = std::string(score);
+    ctx->saved_data["normalize"] = detail::resolve_normalize(normalize, k);
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["logits_dtype"] = static_cast<int64_t>(logits.scalar_type());
+    return {weights, experts, scores};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor grad_logits = route_backward(
+        grads[0], grads[2], saved[0], saved[1], saved[2], ctx->saved_data["score"].toStringRef(),
+        ctx->saved_data["normalize"].toBool(), ctx->saved_data["scale"].toDouble(),
+        static_cast<at::ScalarType>(ctx->saved_data["logits_dtype"].toInt()));
+    // logits, k, score, normalize, bias (selection only: no gradient), groups, scale.
+    return {grad_logits, {}, {}, {}, {}, {}, {}, {}};
+  }
+};
+
+class DispatchFunction : public torch::autograd::Function<DispatchFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& slots,
+                            c10::SymInt num_rows) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto dispatch_op = op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>(
+        "moe_routing::dispatch");
+    ctx->save_for_backward({slots});
+    return dispatch_op.call(x, slots, std::move(num_rows));
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {dispatch_backward(grads[0], ctx->get_saved_variables()[0]), {}, {}};
+  }
+};
+
+class CombineFunction : public torch::autograd::Function<CombineFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& expert_out,
+                            const at::Tensor& slots, const at::Tensor& weights) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({expert_out, slots, weights});
+    return combine(expert_out, slots, weights);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto [grad_expert_out, grad_weights] = combine_backward(grads[0], saved[0], saved[1], saved[2]);
+    return {grad_expert_out, {}, grad_weights};
+  }
+};
+
+class LoadBalancingLossFunction : public torch::autograd::Function<LoadBalancingLossFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& scores,
+                            const at::Tensor& experts, const std::optional<at::Tensor>& mask) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({scores, experts, mask.value_or(at::Tensor())});
+    return load_balancing_loss(scores, experts, mask);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    std::optional<at::Tensor> mask;
+    if (saved[2].defined()) mask = saved[2];
+    return {load_balancing_loss_backward(grads[0], saved[0], saved[1], mask), {}, {}};
+  }
+};
+
+class ZLossFunction : public torch::autograd::Function<ZLossFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits,
+                            const std::optional<at::Tensor>& mask) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({logits, mask.value_or(at::Tensor())});
+    return z_loss(logits, mask);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    std::optional<at::Tensor> mask;
+    if (saved[1].defined()) mask = saved[1];
+    return {z_loss_backward(grads[0], saved[0], mask), {}};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_autograd(
+    const at::Tensor& logits, int64_t k, c10::string_view score, std::optional<bool> normalize,
+    const std::optional<at::Tensor>& bias, int64_t num_groups, int64_t topk_groups,
+    double scale) {
+  auto out =
+      RouteFunction::apply(logits, k, score, normalize, bias, num_groups, topk_groups, scale);
+  return {out[0], out[1], out[2]};
+}
+
+at::Tensor dispatch_autograd(const at::Tensor& x, const at::Tensor& slots, c10::SymInt num_rows) {
+  return DispatchFunction::apply(x, slots, std::move(num_rows));
+}
+
+at::Tensor combine_autograd(const at::Tensor& expert_out, const at::Tensor& slots,
+                            const at::Tensor& weights) {
+  return CombineFunction::apply(expert_out, slots, weights);
+}
+
+at::Tensor load_balancing_loss_autograd(const at::Tensor& scores, const at::Tensor& experts,
+                                        const std::optional<at::Tensor>& mask) {
+  return LoadBalancingLossFunction::apply(scores, experts, mask);
+}
+
+at::Tensor z_loss_autograd(const at::Tensor& logits, const std::optional<at::Tensor>& mask) {
+  return ZLossFunction::apply(logits, mask);
+}
+
+}  // namespace
+}  // namespace moe_routing::autograd
+
+TORCH_LIBRARY_IMPL(moe_routing, Autograd, m) {
+  using namespace moe_routing::autograd;
+  m.impl("route", &route_autograd);
+  m.impl("dispatch", &dispatch_autograd);
+  m.impl("combine", &combine_autograd);
+  m.impl("load_balancing_loss", &load_balancing_loss_autograd);
+  m.impl("z_loss", &z_loss_autograd);
+}

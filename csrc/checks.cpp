@@ -1,0 +1,193 @@
+// Argument checks shared by the CPU, CUDA and Meta kernels. They read only
+// metadata (never tensor data), so they are safe on fake tensors and cost
+// nothing on the GPU.
+#include "moe_routing.h"
+
+namespace moe_routing::detail {
+
+Score parse_score(const char* op, const std::string& score) {
+  if (score == "softmax") return Score::Softmax;
+  if (score == "sigmoid") return Score::Sigmoid;
+  TORCH_CHECK(false, op, ": score must be \"softmax\" or \"sigmoid\", got \"", score, "\"");
+}
+
+Priority parse_priority(const char* op, const std::string& priority) {
+  if (priority == "choice") return Priority::Choice;
+  if (priority == "token") return Priority::Token;
+  TORCH_CHECK(false, op, ": priority must be \"choice\" or \"token\", got \"", priority, "\"");
+}
+
+void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim,
+               const char* shape) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", arg, " must be ", dim, "-D ", shape, ", got shape ",
+              t.sym_sizes());
+}
+
+void check_floating(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", arg,
+              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+void check_dtype(const char* op, const char* arg, const at::Tensor& t, at::ScalarType dtype) {
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", arg, " must be ", dtype, ", got ",
+              t.scalar_type());
+}
+
+void check_same_device(const char* op, const char* arg, const at::Tensor& t,
+                       const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " must be on ", ref.device(),
+              " like the other inputs, got ", t.device());
+}
+
+void check_mask(const char* op, const std::optional<at::Tensor>& mask, const at::Tensor& ref) {
+  if (!mask.has_value()) return;
+  check_dim(op, "mask", *mask, 1, "[T]");
+  check_dtype(op, "mask", *mask, at::kBool);
+  check_same_device(op, "mask", *mask, ref);
+  TORCH_CHECK(mask->sym_size(0) == ref.sym_size(0), op, ": mask must have T=", ref.sym_size(0),
+              " entries, got ", mask->sym_size(0));
+}
+
+void check_route_args(const at::Tensor& logits, int64_t k, const std::optional<at::Tensor>& bias,
+                      int64_t num_groups, int64_t topk_groups) {
+  constexpr const char* op = "moe_routing::route";
+  check_dim(op, "logits", logits, 2, "[T, E]");
+  check_floating(op, "logits", logits);
+  const c10::SymInt E = logits.sym_size(1);
+  TORCH_CHECK(E >= 1, op, ": logits must have at least one expert column, got E=0");
+  TORCH_CHECK(k >= 1 && E >= k, op, ": k must be in [1, E=", E, "], got ", k);
+  if (bias.has_value()) {
+    check_dim(op, "bias", *bias, 1, "[E]");
+    check_floating(op, "bias", *bias);
+    check_same_device(op, "bias", *bias, logits);
+    TORCH_CHECK(bias->sym_size(0) == E, op, ": bias must have E=", E, " entries, got ",
+                bias->sym_size(0));
+  }
+  TORCH_CHECK(num_groups >= 1 && E % num_groups == 0, op,
+              ": num_groups must be >= 1 and divide E=", E, ", got ", num_groups);
+  TORCH_CHECK(topk_groups >= 1 && topk_groups <= num_groups, op,
+              ": topk_groups must be in [1, num_groups=", num_groups, "], got ", topk_groups);
+  const c10::SymInt selectable = E / num_groups * topk_groups;
+  TORCH_CHECK(selectable >= k, op, ": k=", k, " exceeds the ", selectable,
+              " experts of the topk_groups=", topk_groups, " selected groups");
+}
+
+void check_route_backward_args(const at::Tensor& grad_weights, const at::Tensor& grad_scores,
+                               const at::Tensor& weights, const at::Tensor& experts,
+                               const at::Tensor& scores, at::ScalarType logits_dtype) {
+  constexpr const char* op = "moe_routing::route_backward";
+  TORCH_CHECK(at::isFloatingType(logits_dtype), op,
+              ": logits_dtype must be a floating type, got ", logits_dtype);
+  const auto dtype = router_dtype(logits_dtype);
+  check_dim(op, "scores", scores, 2, "[T, E]");
+  check_dtype(op, "scores", scores, dtype);
+  check_dim(op, "experts", experts, 2, "[T, k]");
+  check_dtype(op, "experts", experts, at::kLong);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_weights", &grad_weights},
+                                {"weights", &weights}}) {
+    check_dtype(op, name, *t, dtype);
+    check_same_device(op, name, *t, scores);
+    TORCH_CHECK(t->sym_sizes() == experts.sym_sizes(), op, ": ", name,
+                " must have the shape of experts ", experts.sym_sizes(), ", got ", t->sym_sizes());
+  }
+  check_dtype(op, "grad_scores", grad_scores, dtype);
+  check_same_device(op, "grad_scores", grad_scores, scores);
+  check_same_device(op, "experts", experts, scores);
+  TORCH_CHECK(grad_scores.sym_sizes() == scores.sym_sizes(), op,
+              ": grad_scores must have the shape of scores ", scores.sym_sizes(), ", got ",
+              grad_scores.sym_sizes());
+  TORCH_CHECK(experts.sym_size(0) == scores.sym_size(0), op, ": experts must have T=",
+              scores.sym_size(0), " rows like scores, got ", experts.sym_size(0));
+}
+
+void check_plan_args(const at::Tensor& experts, int64_t num_experts,
+                     std::optional<c10::SymInt> capacity, const std::optional<at::Tensor>& weights,
+                     Priority priority, const std::optional<at::Tensor>& mask) {
+  constexpr const char* op = "moe_routing::plan";
+  (void)priority;
+  check_dim(op, "experts", experts, 2, "[T, k]");
+  check_dtype(op, "experts", experts, at::kLong);
+  TORCH_CHECK(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
+  if (capacity.has_value()) {
+    TORCH_CHECK(*capacity >= 0, op,
+                ": capacity must be >= 0 (or None for dropless), got ", *capacity);
+  }
+  if (weights.has_value()) {
+    check_floating(op, "weights", *weights);
+    check_same_device(op, "weights", *weights, experts);
+    TORCH_CHECK(weights->sym_sizes() == experts.sym_sizes(), op,
+                ": weights must have the shape of experts ", experts.sym_sizes(), ", got ",
+                weights->sym_sizes());
+  }
+  check_mask(op, mask, experts);
+}
+
+void check_dispatch_args(const at::Tensor& x, const at::Tensor& slots,
+                         const c10::SymInt& num_rows) {
+  constexpr const char* op = "moe_routing::dispatch";
+  check_dim(op, "x", x, 2, "[T, H]");
+  check_floating(op, "x", x);
+  check_dim(op, "slots", slots, 2, "[T, k]");
+  check_dtype(op, "slots", slots, at::kLong);
+  check_same_device(op, "slots", slots, x);
+  TORCH_CHECK(slots.sym_size(0) == x.sym_size(0), op, ": slots must have T=", x.sym_size(0),
+              " rows like x, got ", slots.sym_size(0));
+  TORCH_CHECK(num_rows >= 0, op,
+              ": num_rows must be >= 0, got ", num_rows);
+}
+
+void check_dispatch_backward_args(const at::Tensor& grad_out, const at::Tensor& slots) {
+  constexpr const char* op = "moe_routing::dispatch_backward";
+  check_dim(op, "grad_out", grad_out, 2, "[num_rows, H]");
+  check_floating(op, "grad_out", grad_out);
+  check_dim(op, "slots", slots, 2, "[T, k]");
+  check_dtype(op, "slots", slots, at::kLong);
+  check_same_device(op, "slots", slots, grad_out);
+}
+
+void check_combine_args(const at::Tensor& expert_out, const at::Tensor& slots,
+                        const at::Tensor& weights) {
+  constexpr const char* op = "moe_routing::combine";
+  TORCH_CHECK(expert_out.dim() == 2 || expert_out.dim() == 3, op,
+              ": expert_out must be [num_rows, H] or [E, C, H], got shape ",
+              expert_out.sym_sizes());
+  check_floating(op, "expert_out", expert_out);
+  check_dim(op, "slots", slots, 2, "[T, k]");
+  check_dtype(op, "slots", slots, at::kLong);
+  check_same_device(op, "slots", slots, expert_out);
+  check_dim(op, "weights", weights, 2, "[T, k]");
+  TORCH_CHECK(weights.scalar_type() == at::kFloat || weights.scalar_type() == at::kDouble, op,
+              ": weights must be float32 or float64, got ", weights.scalar_type());
+  check_same_device(op, "weights", weights, expert_out);
+  TORCH_CHECK(weights.sym_sizes() == slots.sym_sizes(), op,
+              ": weights must have the shape of slots ", slots.sym_sizes(), ", got ",
+              weights.sym_sizes());
+}
+
+void check_load_balancing_args(const at::Tensor& scores, const at::Tensor& experts,
+                               const std::optional<at::Tensor>& mask) {
+  constexpr const char* op = "moe_routing::load_balancing_loss";
+  check_dim(op, "scores", scores, 2, "[T, E]");
+  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble, op,
+              ": scores must be float32 or float64, got ", scores.scalar_type());
+  check_dim(op, "experts", experts, 2, "[T, k]");
+  check_dtype(op, "experts", experts, at::kLong);
+  check_same_device(op, "experts", experts, scores);
+  TORCH_CHECK(experts.sym_size(0) == scores.sym_size(0), op, ": experts must have T=",
+              scores.sym_size(0), " rows like scores, got ", experts.sym_size(0));
+  TORCH_CHECK(experts.sym_size(1) >= 1, op, ": experts must have k >= 1 columns");
+  check_mask(op, mask, scores);
+}
+
+void check_z_loss_args(const char* op, const at::Tensor& logits,
+                       const std::optional<at::Tensor>& mask) {
+  check_dim(op, "logits", logits, 2, "[T, E]");
+  check_floating(op, "logits", logits);
+  check_mask(op, mask, logits);
+}
+
+at::Tensor rows_view(const at::Tensor& expert_out) {
+  return expert_out.dim() == 2 ? expert_out : expert_out.flatten(0, 1);
+}
+
+}  // namespace moe_routing::detail

@@ -1,0 +1,124 @@
+// moe_routing C++ API: one declaration per op, plus the argument checks every
+// backend shares. The functions below call through the dispatcher, so C++
+// users get the same CPU / CUDA / Meta / Autograd behaviour as Python users.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/core/SymInt.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace moe_routing {
+
+// ---------------------------------------------------------------------------
+// Ops (schemas in ops.cpp; semantics in DESIGN.md section 4 and reference.py)
+// ---------------------------------------------------------------------------
+
+// Scores every token against every expert and picks its top-k experts.
+// Returns (weights [T,k], experts [T,k] int64, scores [T,E]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route(
+    const at::Tensor& logits, int64_t k, const std::string& score = "softmax",
+    std::optional<bool> normalize = std::nullopt,
+    const std::optional<at::Tensor>& bias = std::nullopt, int64_t num_groups = 1,
+    int64_t topk_groups = 1, double scale = 1.0);
+
+// Gradient of route with respect to logits.
+at::Tensor route_backward(const at::Tensor& grad_weights, const at::Tensor& grad_scores,
+                          const at::Tensor& weights, const at::Tensor& experts,
+                          const at::Tensor& scores, const std::string& score, bool normalize,
+                          double scale, at::ScalarType logits_dtype);
+
+// Assigns each (token, choice) a row of an expert's buffer.
+// Returns (slots [T,k] int64, load [E] int64, kept [E] int64).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> plan(
+    const at::Tensor& experts, int64_t num_experts, std::optional<int64_t> capacity = std::nullopt,
+    const std::optional<at::Tensor>& weights = std::nullopt,
+    const std::string& priority = "choice", const std::optional<at::Tensor>& mask = std::nullopt);
+
+// Rows per expert: max(min_capacity, ceil(capacity_factor * T * k / E)), at most T.
+int64_t capacity(int64_t num_tokens, int64_t num_experts, int64_t k, double capacity_factor,
+                 int64_t min_capacity = 4);
+
+// Moves token rows into expert buffer rows: [num_rows, H].
+at::Tensor dispatch(const at::Tensor& x, const at::Tensor& slots, int64_t num_rows);
+at::Tensor dispatch_backward(const at::Tensor& grad_out, const at::Tensor& slots);
+
+// Weighted sum of each token's expert outputs: [T, H].
+at::Tensor combine(const at::Tensor& expert_out, const at::Tensor& slots,
+                   const at::Tensor& weights);
+std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_y,
+                                                    const at::Tensor& expert_out,
+                                                    const at::Tensor& slots,
+                                                    const at::Tensor& weights);
+
+// Switch / GShard load-balancing loss, 1.0 under perfect balance.
+at::Tensor load_balancing_loss(const at::Tensor& scores, const at::Tensor& experts,
+                               const std::optional<at::Tensor>& mask = std::nullopt);
+at::Tensor load_balancing_loss_backward(const at::Tensor& grad, const at::Tensor& scores,
+                                        const at::Tensor& experts,
+                                        const std::optional<at::Tensor>& mask);
+
+// ST-MoE router z-loss: mean of logsumexp(logits)^2 over valid tokens.
+at::Tensor z_loss(const at::Tensor& logits, const std::optional<at::Tensor>& mask = std::nullopt);
+at::Tensor z_loss_backward(const at::Tensor& grad, const at::Tensor& logits,
+                           const std::optional<at::Tensor>& mask);
+
+// ---------------------------------------------------------------------------
+// Shared argument checks: every backend (CPU, CUDA, Meta) calls these, so a
+// bad input gets the same message whatever the device.
+// ---------------------------------------------------------------------------
+namespace detail {
+
+enum class Score { Softmax, Sigmoid };
+enum class Priority { Choice, Token };
+
+Score parse_score(const char* op, const std::string& score);
+Priority parse_priority(const char* op, const std::string& priority);
+
+// normalize=None means "k > 1".
+inline bool resolve_normalize(std::optional<bool> normalize, int64_t k) {
+  return normalize.has_value() ? *normalize : k > 1;
+}
+
+// Float type of weights and scores: float64 for float64 logits, else float32.
+inline at::ScalarType router_dtype(at::ScalarType logits_dtype) {
+  return logits_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim,
+               const char* shape);
+void check_floating(const char* op, const char* arg, const at::Tensor& t);
+void check_dtype(const char* op, const char* arg, const at::Tensor& t, at::ScalarType dtype);
+void check_same_device(const char* op, const char* arg, const at::Tensor& t,
+                       const at::Tensor& ref);
+// mask: bool [T] on ref's device.
+void check_mask(const char* op, const std::optional<at::Tensor>& mask, const at::Tensor& ref);
+
+// Each check_<op>_args validates everything that can be known without
+// reading tensor data (ranks, dtypes, devices, sizes, scalar arguments).
+void check_route_args(const at::Tensor& logits, int64_t k, const std::optional<at::Tensor>& bias,
+                      int64_t num_groups, int64_t topk_groups);
+void check_route_backward_args(const at::Tensor& grad_weights, const at::Tensor& grad_scores,
+                               const at::Tensor& weights, const at::Tensor& experts,
+                               const at::Tensor& scores, at::ScalarType logits_dtype);
+void check_plan_args(const at::Tensor& experts, int64_t num_experts,
+                     std::optional<c10::SymInt> capacity, const std::optional<at::Tensor>& weights,
+                     Priority priority, const std::optional<at::Tensor>& mask);
+void check_dispatch_args(const at::Tensor& x, const at::Tensor& slots, const c10::SymInt& num_rows);
+void check_dispatch_backward_args(const at::Tensor& grad_out, const at::Tensor& slots);
+void check_combine_args(const at::Tensor& expert_out, const at::Tensor& slots,
+                        const at::Tensor& weights);
+void check_load_balancing_args(const at::Tensor& scores, const at::Tensor& experts,
+                               const std::optional<at::Tensor>& mask);
+
+// op is "moe_routing::z_loss" or "moe_routing::z_loss_backward".
+void check_z_loss_args(const char* op, const at::Tensor& logits,
+                       const std::optional<at::Tensor>& mask);
+
+// [R, H] view of expert outputs given as [R, H] or [E, C, H].
+at::Tensor rows_view(const at::Tensor& expert_out);
+
+}  // namespace detail
+}  // namespace moe_routing

@@ -1,0 +1,187 @@
+// The moe_routing operator library: every schema, and the C++ API that calls
+// each op through the dispatcher.
+#include "moe_routing.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+namespace moe_routing {
+
+// capacity is pure integer arithmetic on a SymInt token count, so one
+// CompositeImplicitAutograd kernel serves every backend and torch.compile.
+// The factor is taken to 1e-6 as an exact fraction, so 1.1 * 10 tokens is
+// 11 rows, not the 12 that ceil(11.000000000000002) would give.
+static c10::SymInt capacity_symint(c10::SymInt num_tokens, int64_t num_experts, int64_t k,
+                                   double capacity_factor, int64_t min_capacity) {
+  TORCH_CHECK(num_experts >= 1, "moe_routing::capacity: num_experts must be >= 1, got ",
+              num_experts);
+  TORCH_CHECK(k >= 1 && k <= num_experts,
+              "moe_routing::capacity: k must be in [1, num_experts=", num_experts, "], got ", k);
+  TORCH_CHECK(capacity_factor > 0 && capacity_factor <= 1e6,
+              "moe_routing::capacity: capacity_factor must be in (0, 1e6], got ", capacity_factor);
+  TORCH_CHECK(min_capacity >= 0, "moe_routing::capacity: min_capacity must be >= 0, got ",
+              min_capacity);
+  constexpr int64_t kDenominator = 1000000;
+  const int64_t numerator = std::llround(capacity_factor * kDenominator);
+  const int64_t divisor = kDenominator * num_experts;
+  // ceil(a / b) for a >= 0 is (a + b - 1) / b.
+  c10::SymInt rows = (num_tokens * (numerator * k) + (divisor - 1)) / divisor;
+  return rows.max(c10::SymInt(min_capacity)).min(num_tokens);
+}
+
+int64_t capacity(int64_t num_tokens, int64_t num_experts, int64_t k, double capacity_factor,
+                 int64_t min_capacity) {
+  TORCH_CHECK(num_tokens >= 0, "moe_routing::capacity: num_tokens must be >= 0, got ",
+              num_tokens);
+  return capacity_symint(c10::SymInt(num_tokens), num_experts, k, capacity_factor, min_capacity)
+      .expect_int();
+}
+
+namespace {
+template <class Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const at::Tensor& logits, int64_t k,
+                                                     const std::string& score,
+                                                     std::optional<bool> normalize,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     int64_t num_groups, int64_t topk_groups,
+                                                     double scale) {
+  static auto handle =
+      op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+          const at::Tensor&, int64_t, c10::string_view, std::optional<bool>,
+          const std::optional<at::Tensor>&, int64_t, int64_t, double)>("moe_routing::route");
+  return handle.call(logits, k, score, normalize, bias, num_groups, topk_groups, scale);
+}
+
+at::Tensor route_backward(const at::Tensor& grad_weights, const at::Tensor& grad_scores,
+                          const at::Tensor& weights, const at::Tensor& experts,
+                          const at::Tensor& scores, const std::string& score, bool normalize,
+                          double scale, at::ScalarType logits_dtype) {
+  static auto handle =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, c10::string_view, bool, double, at::ScalarType)>(
+          "moe_routing::route_backward");
+  return handle.call(grad_weights, grad_scores, weights, experts, scores, score, normalize, scale,
+                     logits_dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> plan(const at::Tensor& experts,
+                                                    int64_t num_experts,
+                                                    std::optional<int64_t> capacity,
+                                                    const std::optional<at::Tensor>& weights,
+                                                    const std::string& priority,
+                                                    const std::optional<at::Tensor>& mask) {
+  static auto handle =
+      op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+          const at::Tensor&, int64_t, std::optional<c10::SymInt>,
+          const std::optional<at::Tensor>&, c10::string_view, const std::optional<at::Tensor>&)>(
+          "moe_routing::plan");
+  std::optional<c10::SymInt> sym_capacity;
+  if (capacity.has_value()) sym_capacity = c10::SymInt(*capacity);
+  return handle.call(experts, num_experts, sym_capacity, weights, priority, mask);
+}
+
+at::Tensor dispatch(const at::Tensor& x, const at::Tensor& slots, int64_t num_rows) {
+  static auto handle =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>("moe_routing::dispatch");
+  return handle.call(x, slots, c10::SymInt(num_rows));
+}
+
+at::Tensor dispatch_backward(const at::Tensor& grad_out, const at::Tensor& slots) {
+  static auto handle =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&)>("moe_routing::dispatch_backward");
+  return handle.call(grad_out, slots);
+}
+
+at::Tensor combine(const at::Tensor& expert_out, const at::Tensor& slots,
+                   const at::Tensor& weights) {
+  static auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "moe_routing::combine");
+  return handle.call(expert_out, slots, weights);
+}
+
+std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_y,
+                                                    const at::Tensor& expert_out,
+                                                    const at::Tensor& slots,
+                                                    const at::Tensor& weights) {
+  static auto handle = op<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "moe_routing::combine_backward");
+  return handle.call(grad_y, expert_out, slots, weights);
+}
+
+at::Tensor load_balancing_loss(const at::Tensor& scores, const at::Tensor& experts,
+                               const std::optional<at::Tensor>& mask) {
+  static auto handle =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>(
+          "moe_routing::load_balancing_loss");
+  return handle.call(scores, experts, mask);
+}
+
+at::Tensor load_balancing_loss_backward(const at::Tensor& grad, const at::Tensor& scores,
+                                        const at::Tensor& experts,
+                                        const std::optional<at::Tensor>& mask) {
+  static auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const std::optional<at::Tensor>&)>(
+      "moe_routing::load_balancing_loss_backward");
+  return handle.call(grad, scores, experts, mask);
+}
+
+at::Tensor z_loss(const at::Tensor& logits, const std::optional<at::Tensor>& mask) {
+  static auto handle = op<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&)>(
+      "moe_routing::z_loss");
+  return handle.call(logits, mask);
+}
+
+at::Tensor z_loss_backward(const at::Tensor& grad, const at::Tensor& logits,
+                           const std::optional<at::Tensor>& mask) {
+  static auto handle =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>(
+          "moe_routing::z_loss_backward");
+  return handle.call(grad, logits, mask);
+}
+
+}  // namespace moe_routing
+
+TORCH_LIBRARY(moe_routing, m) {
+  const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
+  m.def(
+      "route(Tensor logits, int k, *, str score=\"softmax\", bool? normalize=None, "
+      "Tensor? bias=None, int num_groups=1, int topk_groups=1, float scale=1.0) "
+      "-> (Tensor weights, Tensor experts, Tensor scores)",
+      tags);
+  m.def(
+      "route_backward(Tensor grad_weights, Tensor grad_scores, Tensor weights, Tensor experts, "
+      "Tensor scores, str score, bool normalize, float scale, ScalarType logits_dtype) -> Tensor",
+      tags);
+  m.def(
+      "plan(Tensor experts, int num_experts, SymInt? capacity=None, *, Tensor? weights=None, "
+      "str priority=\"choice\", Tensor? mask=None) -> (Tensor slots, Tensor load, Tensor kept)",
+      tags);
+  m.def(
+      "capacity(SymInt num_tokens, int num_experts, int k, float capacity_factor, "
+      "int min_capacity=4) -> SymInt",
+      tags);
+  m.def("dispatch(Tensor x, Tensor slots, SymInt num_rows) -> Tensor", tags);
+  m.def("dispatch_backward(Tensor grad_out, Tensor slots) -> Tensor", tags);
+  m.def("combine(Tensor expert_out, Tensor slots, Tensor weights) -> Tensor", tags);
+  m.def(
+      "combine_backward(Tensor grad_y, Tensor expert_out, Tensor slots, Tensor weights) "
+      "-> (Tensor grad_expert_out, Tensor grad_weights)",
+      tags);
+  m.def("load_balancing_loss(Tensor scores, Tensor experts, *, Tensor? mask=None) -> Tensor", tags);
+  m.def(
+      "load_balancing_loss_backward(Tensor grad, Tensor scores, Tensor experts, Tensor? mask) "
+      "-> Tensor",
+      tags);
+  m.def("z_loss(Tensor logits, *, Tensor? mask=None) -> Tensor", tags);
+  m.def("z_loss_backward(Tensor grad, Tensor logits, Tensor? mask) -> Tensor", tags);
+}
+
+TORCH_LIBRARY_IMPL(moe_routing, CompositeImplicitAutograd, m) {
+  m.impl("capacity", &moe_routing::capacity_symint);
+}

@@ -1,0 +1,11 @@
+"""moe_routing: Mixture-of-Experts token routing as PyTorch custom operators."""
+import torch  # noqa: F401  (loads libtorch before our library)
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.moe_routing.*)
+except ImportError as error:  # pragma: no cover - exercised only on broken installs
+    raise ImportError(
+        "moe_routing: the compiled extension moe_routing._C failed to load "
+        f"({error}). Build it first: `make install` (or `pip install --no-build-isolation -e .`)"
+        " against the torch you run with."
+    ) from error
