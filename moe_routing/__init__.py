@@ -9,3 +9,22 @@ except ImportError as error:  # pragma: no cover - exercised only on broken inst
         f"({error}). Build it first: `make install` (or `pip install --no-build-isolation -e .`)"
         " against the torch you run with."
     ) from error
+
+from .ops import (  # noqa: E402
+    Plan,
+    Routing,
+    capacity,
+    combine,
+    dispatch,
+    load_balancing_loss,
+    plan,
+    route,
+    z_loss,
+)
+from .layers import MoE, Experts, Router, RouterOutput, aux_loss, routing_stats  # noqa: E402
+from . import reference  # noqa: E402,F401
+
+__all__ = [
+    "Plan", "Routing", "capacity", "combine", "dispatch", "load_balancing_loss", "plan",
+    "route", "z_loss", "MoE", "Experts", "Router", "RouterOutput", "aux_loss", "routing_stats",
+]

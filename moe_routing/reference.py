@@ -1,0 +1,137 @@
+"""Readable pure-PyTorch specification of every moe_routing op.
+
+Written for clarity, not speed: tests compare the C++/CUDA ops against these
+functions on random inputs, and benchmarks use them as the eager baseline.
+Each function mirrors the signature of its op in :mod:`moe_routing.ops`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+def router_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _top_k(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values per row, descending, ties to the lower index."""
+    # A stable sort on the negated values keeps equal values in index order.
+    return torch.sort(-values, dim=-1, stable=True).indices[..., :k]
+
+
+def route(logits, k, *, score="softmax", normalize=None, bias=None, num_groups=1, topk_groups=1,
+          scale=1.0):
+    acc = router_dtype(logits)
+    x = logits.to(acc)
+    if score == "softmax":
+        scores = torch.softmax(x, dim=-1)
+    elif score == "sigmoid":
+        scores = torch.sigmoid(x)
+    else:
+        raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
+    selection = scores if bias is None else scores + bias.to(acc)
+    if num_groups > 1:
+        T, E = selection.shape
+        groups = selection.view(T, num_groups, E // num_groups)
+        best_two = groups.topk(min(2, E // num_groups), dim=-1).values.sum(-1)
+        keep_groups = _top_k(best_two, topk_groups)
+        keep = torch.zeros(T, num_groups, dtype=torch.bool, device=logits.device)
+        keep.scatter_(1, keep_groups, True)
+        keep = keep.repeat_interleave(E // num_groups, dim=1)
+        selection = selection.masked_fill(~keep, -math.inf)
+    experts = _top_k(selection, k)
+    weights = scores.gather(1, experts)
+    if normalize is None:
+        normalize = k > 1
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights * scale, experts, scores
+
+
+def _priority_order(experts: torch.Tensor, priority: str) -> torch.Tensor:
+    """Flat indices t*k+j of all assignments, in priority order."""
+    T, k = experts.shape
+    index = torch.arange(T * k, device=experts.device).view(T, k)
+    if priority == "choice":
+        return index.t().reshape(-1)
+    if priority == "token":
+        return index.reshape(-1)
+    raise ValueError(f"priority must be 'choice' or 'token', got {priority!r}")
+
+
+def plan(experts, num_experts, capacity=None, *, weights=None, priority="choice", mask=None):
+    """A direct loop: visit assignments in priority order, hand out rows."""
+    T, k = experts.shape
+    valid = torch.ones(T, dtype=torch.bool) if mask is None else mask.cpu()
+    flat = experts.reshape(-1).cpu()
+    order = _priority_order(experts, priority).cpu()
+    load = torch.zeros(num_experts, dtype=torch.long)
+    for i in order.tolist():
+        if valid[i // k]:
+            load[flat[i]] += 1
+    kept = load.clone() if capacity is None else load.clamp(max=capacity)
+    offsets = torch.cumsum(load, 0) - load  # dropless: expert e starts at offsets[e]
+    filled = torch.zeros(num_experts, dtype=torch.long)
+    slots = torch.full((T * k,), -1, dtype=torch.long)
+    for i in order.tolist():
+        if not valid[i // k]:
+            continue
+        e = int(flat[i])
+        rank = int(filled[e])
+        filled[e] += 1
+        if capacity is None:
+            slots[i] = offsets[e] + rank
+        elif rank < capacity:
+            slots[i] = e * capacity + rank
+    device = experts.device
+    return slots.view(T, k).to(device), load.to(device), kept.to(device)
+
+
+def capacity(num_tokens, num_experts, k, capacity_factor, min_capacity=4):
+    """max(min_capacity, ceil(capacity_factor * T * k / E)), at most T; the
+    factor read as an exact fraction to 1e-6."""
+    numerator = round(capacity_factor * 1_000_000)
+    rows = -(-num_tokens * k * numerator // (num_experts * 1_000_000))
+    return min(max(min_capacity, rows), num_tokens)
+
+
+def dispatch(x, slots, num_rows):
+    out = x.new_zeros(num_rows, x.shape[1])
+    t, j = torch.nonzero(slots >= 0, as_tuple=True)
+    out[slots[t, j]] = x[t]
+    return out
+
+
+def combine(expert_out, slots, weights):
+    rows = expert_out.reshape(-1, expert_out.shape[-1])
+    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    y = torch.zeros(slots.shape[0], rows.shape[1], dtype=acc, device=rows.device)
+    for j in range(slots.shape[1]):
+        kept = slots[:, j] >= 0
+        r = slots[:, j].clamp(min=0)
+        y += torch.where(kept[:, None], weights[:, j, None].to(acc) * rows[r].to(acc), 0)
+    return y.to(rows.dtype)
+
+
+def load_balancing_loss(scores, experts, *, mask=None):
+    T, E = scores.shape
+    k = experts.shape[1]
+    valid = torch.ones(T, dtype=torch.bool, device=scores.device) if mask is None else mask
+    n = valid.sum()
+    one_hot = torch.nn.functional.one_hot(experts, E).sum(1)  # [T, E] assignments
+    f = (one_hot * valid[:, None]).sum(0).to(scores.dtype) / (n * k)
+    p = (scores * valid[:, None]).sum(0) / n
+    loss = E * (f * p).sum()
+    return torch.where(n > 0, loss, torch.zeros_like(loss))
+
+
+def z_loss(logits, *, mask=None):
+    acc = router_dtype(logits)
+    lse = torch.logsumexp(logits.to(acc), dim=-1)
+    valid = torch.ones_like(lse, dtype=torch.bool) if mask is None else mask
+    n = valid.sum()
+    loss = (lse.square() * valid).sum() / n.clamp(min=1)
+    return loss
