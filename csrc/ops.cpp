@@ -13,6 +13,8 @@ namespace moe_routing {
 // 11 rows, not the 12 that ceil(11.000000000000002) would give.
 static c10::SymInt capacity_symint(c10::SymInt num_tokens, int64_t num_experts, int64_t k,
                                    double capacity_factor, int64_t min_capacity) {
+  TORCH_CHECK(num_tokens >= 0, "moe_routing::capacity: num_tokens must be >= 0, got ",
+              num_tokens);
   TORCH_CHECK(num_experts >= 1, "moe_routing::capacity: num_experts must be >= 1, got ",
               num_experts);
   TORCH_CHECK(k >= 1 && k <= num_experts,
@@ -31,8 +33,6 @@ static c10::SymInt capacity_symint(c10::SymInt num_tokens, int64_t num_experts, 
 
 int64_t capacity(int64_t num_tokens, int64_t num_experts, int64_t k, double capacity_factor,
                  int64_t min_capacity) {
-  TORCH_CHECK(num_tokens >= 0, "moe_routing::capacity: num_tokens must be >= 0, got ",
-              num_tokens);
   return capacity_symint(c10::SymInt(num_tokens), num_experts, k, capacity_factor, min_capacity)
       .expect_int();
 }

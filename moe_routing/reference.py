@@ -120,12 +120,11 @@ def load_balancing_loss(scores, experts, *, mask=None):
     T, E = scores.shape
     k = experts.shape[1]
     valid = torch.ones(T, dtype=torch.bool, device=scores.device) if mask is None else mask
-    n = valid.sum()
+    n = valid.sum().clamp(min=1)  # no valid token: every sum is 0, and so is the loss
     one_hot = torch.nn.functional.one_hot(experts, E).sum(1)  # [T, E] assignments
     f = (one_hot * valid[:, None]).sum(0).to(scores.dtype) / (n * k)
     p = (scores * valid[:, None]).sum(0) / n
-    loss = E * (f * p).sum()
-    return torch.where(n > 0, loss, torch.zeros_like(loss))
+    return E * (f * p).sum()
 
 
 def z_loss(logits, *, mask=None):

@@ -1,0 +1,195 @@
+"""Router, Experts, MoE: against a reference MoE, compile, determinism, masks, losses, stats."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moe_routing as mr
+from moe_routing import reference as ref
+
+
+def reference_moe(moe: mr.MoE, x: torch.Tensor, mask=None):
+    """The MoE forward written with reference ops, sharing moe's parameters."""
+    d = x.shape[-1]
+    tokens = x.reshape(-1, d)
+    valid = None if mask is None else mask.reshape(-1)
+    E, k = moe.num_experts, moe.k
+    logits = F.linear(tokens.float(), moe.router.weight)
+    weights, experts, scores = ref.route(logits, k, score=moe.router.score,
+                                         normalize=moe.router.normalize, scale=moe.router.scale)
+    factor = moe.capacity_factor if moe.training or moe.eval_capacity_factor is None else moe.eval_capacity_factor
+    C = ref.capacity(tokens.shape[0], E, k, factor, moe.min_capacity)
+    slots, load, kept = ref.plan(experts, E, C, priority=moe.priority, mask=valid)
+    buffer = ref.dispatch(tokens, slots, E * C).view(E, C, d)
+    out = moe.experts(buffer).view(E * C, d)
+    y = ref.combine(out, slots, weights).view(x.shape)
+    aux = (moe.aux_loss_weight * ref.load_balancing_loss(scores, experts, mask=valid)
+           + moe.z_loss_weight * ref.z_loss(logits, mask=valid))
+    return y, aux, load, kept
+
+
+@pytest.mark.parametrize("k,priority,activation", [(1, "choice", "gelu"), (2, "token", "swiglu"),
+                                                   (4, "choice", "relu")])
+def test_matches_reference_moe(k, priority, activation):
+    moe = mr.MoE(16, 32, 8, k, capacity_factor=1.0, priority=priority, activation=activation)
+    x = torch.randn(3, 21, 16, dtype=torch.float64).float()
+    mask = torch.rand(3, 21) > 0.25
+    y = moe(x, mask)
+    y_ref, aux_ref, load, kept = reference_moe(moe, x, mask)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(moe.aux_loss, aux_ref)
+    assert torch.equal(moe.stats["load"], load) and torch.equal(moe.stats["kept"], kept)
+
+
+def test_gradients_match_reference_moe():
+    moe = mr.MoE(16, 24, 4, 2, capacity_factor=1.5)
+    x = torch.randn(40, 16, requires_grad=True)
+    y = moe(x)
+    (y.square().sum() + mr.aux_loss(moe)).backward()
+    grads = [x.grad] + [p.grad for p in moe.parameters()]
+    x.grad = None
+    moe.zero_grad()
+    y_ref, aux_ref, _, _ = reference_moe(moe, x)
+    (y_ref.square().sum() + aux_ref).backward()
+    grads_ref = [x.grad] + [p.grad for p in moe.parameters()]
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_padding_tokens_get_zeros_and_are_excluded():
+    moe = mr.MoE(8, 16, 4, 2, capacity_factor=4.0)
+    x = torch.randn(2, 10, 8)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 6:] = False
+    y = moe(x, mask)
+    assert torch.equal(y[1, 6:], torch.zeros(4, 8))
+    assert int(moe.stats["load"].sum()) == 16 * 2
+    # The valid tokens' outputs do not depend on what the padding holds.
+    x2 = x.clone()
+    x2[1, 6:] = 100.0
+    torch.testing.assert_close(moe(x2, mask)[mask], y[mask])
+
+
+def test_capacity_drops_show_in_output_and_stats():
+    moe = mr.MoE(8, 16, 4, 1, capacity_factor=0.25, min_capacity=1)
+    x = torch.randn(64, 8)
+    y = moe(x)
+    C = mr.capacity(64, 4, 1, 0.25, 1)
+    assert int(moe.stats["kept"].sum()) <= 4 * C
+    dropped = 1 - moe.stats["kept"].sum() / moe.stats["load"].sum()
+    torch.testing.assert_close(moe.stats["dropped_fraction"], dropped)
+    assert dropped > 0
+    assert int((y.abs().sum(-1) == 0).sum()) == 64 - int(moe.stats["kept"].sum())
+
+
+def test_eval_capacity_factor():
+    moe = mr.MoE(8, 16, 4, 1, capacity_factor=0.5, eval_capacity_factor=4.0, min_capacity=1)
+    x = torch.randn(64, 8)
+    moe.train()
+    moe(x)
+    assert int(moe.stats["kept"].max()) <= mr.capacity(64, 4, 1, 0.5, 1)
+    moe.eval()
+    moe(x)
+    assert torch.equal(moe.stats["kept"], moe.stats["load"])  # factor 4: nothing dropped
+
+
+def test_eval_is_bitwise_deterministic_and_training_jitter_changes_routing():
+    moe = mr.MoE(16, 32, 8, 2, jitter=0.3, noise="gaussian")
+    x = torch.randn(256, 16)
+    moe.eval()
+    y1, y2 = moe(x), moe(x)
+    assert torch.equal(y1, y2)
+    moe.train()
+    experts_a = moe.router(x).experts
+    experts_b = moe.router(x).experts
+    assert not torch.equal(experts_a, experts_b)
+    torch.manual_seed(7)
+    again_a = moe.router(x).experts
+    torch.manual_seed(7)
+    again_b = moe.router(x).experts
+    assert torch.equal(again_a, again_b)  # noise comes from torch's generator
+
+
+def test_learned_noise_is_trained():
+    router = mr.Router(8, 4, 2, noise="learned")
+    out = router(torch.randn(32, 8))
+    (out.weights.sum() + out.scores.square().sum()).backward()
+    assert router.noise_weight.grad is not None and router.noise_weight.grad.abs().sum() > 0
+
+
+def test_bias_update_moves_toward_underloaded_experts():
+    router = mr.Router(4, 4, 1, bias_update_rate=0.1)
+    with torch.no_grad():
+        router.weight.zero_()
+        router.weight[0, 0] = 10.0  # every token with x0 > 0 prefers expert 0
+    x = torch.randn(64, 4).abs()
+    experts = router(x).experts
+    load = torch.bincount(experts.flatten(), minlength=4).float()
+    torch.testing.assert_close(router.bias, 0.1 * torch.sign(load.mean() - load))
+    assert router.bias[0] < 0
+    router.eval()
+    before = router.bias.clone()
+    router(x)
+    assert torch.equal(router.bias, before)  # no update in eval
+
+
+def test_aux_loss_sums_over_layers():
+    model = torch.nn.Sequential(mr.MoE(8, 16, 4, 1), torch.nn.ReLU(), mr.MoE(8, 16, 4, 2))
+    model(torch.randn(20, 8))
+    torch.testing.assert_close(mr.aux_loss(model), model[0].aux_loss + model[2].aux_loss)
+    assert mr.aux_loss(torch.nn.Linear(2, 2)).item() == 0.0
+
+
+def test_stats_are_tensors_without_grad():
+    moe = mr.MoE(8, 16, 4, 2)
+    moe(torch.randn(33, 8))
+    assert set(moe.stats) == {"load", "kept", "dropped_fraction", "router_entropy", "max_over_mean_load"}
+    for v in moe.stats.values():
+        assert isinstance(v, torch.Tensor) and not v.requires_grad
+    assert 0 < moe.stats["router_entropy"] <= torch.log(torch.tensor(4.0)) + 1e-6
+
+
+def test_bfloat16_activations():
+    moe = mr.MoE(16, 32, 4, 2).to(torch.bfloat16)
+    x = torch.randn(2, 9, 16, dtype=torch.bfloat16, requires_grad=True)
+    y = moe(x)
+    assert y.dtype == torch.bfloat16 and y.shape == x.shape
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+
+
+def test_empty_and_single_token_batches():
+    moe = mr.MoE(8, 16, 4, 2)
+    assert moe(torch.randn(0, 8)).shape == (0, 8)
+    assert moe(torch.randn(1, 1, 8)).shape == (1, 1, 8)
+
+
+def test_compile_fullgraph_dynamic_matches_eager():
+    torch._dynamo.reset()
+    moe = mr.MoE(16, 32, 8, 2, capacity_factor=1.0, score="softmax")
+    compiled = torch.compile(moe, fullgraph=True, dynamic=True)
+    for shape in [(4, 9), (3, 17)]:  # two token counts: one dynamic graph
+        x = torch.randn(*shape, 16, requires_grad=True)
+        mask = torch.rand(*shape) > 0.2
+        y = moe(x, mask)
+        (y.square().sum() + mr.aux_loss(moe)).backward()
+        eager = [y.detach(), moe.aux_loss.detach(), x.grad] + [p.grad.clone() for p in moe.parameters()]
+        eager_stats = {k: v.clone() for k, v in moe.stats.items()}
+        x.grad = None
+        moe.zero_grad()
+        y = compiled(x, mask)
+        (y.square().sum() + mr.aux_loss(moe)).backward()
+        got = [y.detach(), moe.aux_loss.detach(), x.grad] + [p.grad for p in moe.parameters()]
+        for a, b in zip(got, eager):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        for key, value in eager_stats.items():
+            torch.testing.assert_close(moe.stats[key], value)
+        moe.zero_grad()
+
+
+def test_compile_training_router_with_bias_update():
+    torch._dynamo.reset()
+    moe = mr.MoE(8, 16, 4, 2, score="sigmoid", bias_update_rate=0.01, num_groups=2, topk_groups=2)
+    compiled = torch.compile(moe, fullgraph=True, dynamic=True)
+    x = torch.randn(50, 8)
+    compiled(x).sum().backward()
+    assert moe.router.bias.abs().sum() > 0

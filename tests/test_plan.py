@@ -1,0 +1,132 @@
+"""plan and capacity: reference match, drops counted by hand, layout invariants, opcheck."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import moe_routing as mr
+from moe_routing import reference as ref
+
+from conftest import random_experts, random_mask
+
+SHAPES = [(0, 4, 2), (1, 1, 1), (1, 8, 8), (37, 8, 2), (1000, 64, 6), (3000, 256, 8), (5000, 8, 1)]
+PRIORITIES = ["choice", "token"]
+
+
+def sample_inputs():
+    """(experts, E, capacity, kwargs) over shapes, capacities, priorities and masks."""
+    for i, (T, E, k) in enumerate(SHAPES):
+        experts = random_experts(T, E, k, seed=i)
+        cap = mr.capacity(T, E, k, 1.0)
+        for capacity, priority in itertools.product([None, 0, 1, cap], PRIORITIES):
+            yield experts, E, capacity, dict(priority=priority)
+            yield experts, E, capacity, dict(priority=priority, mask=random_mask(T, seed=i))
+
+
+def test_matches_reference():
+    for experts, E, capacity, kw in sample_inputs():
+        out = mr.plan(experts, E, capacity, **kw)
+        expected = ref.plan(experts, E, capacity, **kw)
+        for name, a, b in zip(out._fields, out, expected):
+            assert torch.equal(a, b), (name, experts.shape, E, capacity, kw)
+
+
+def test_repeated_experts_in_a_token_and_noncontiguous_input():
+    experts = random_experts(200, 5, 4, distinct=False).t().contiguous().t()  # column-major
+    assert not experts.is_contiguous()
+    for priority in PRIORITIES:
+        out = mr.plan(experts, 5, 30, priority=priority)
+        expected = ref.plan(experts, 5, 30, priority=priority)
+        assert all(torch.equal(a, b) for a, b in zip(out, expected))
+
+
+def test_choice_and_token_priority_drop_different_assignments():
+    # Two tokens, both choose experts 0 and 1 in opposite order; one row each.
+    experts = torch.tensor([[0, 1], [1, 0]])
+    # choice: first choices first -> t0 takes e0's row, t1 takes e1's row;
+    # both second choices find their expert full.
+    assert mr.plan(experts, 2, 1, priority="choice").slots.tolist() == [[0, -1], [1, -1]]
+    # token: t0 takes both rows, t1 gets nothing.
+    assert mr.plan(experts, 2, 1, priority="token").slots.tolist() == [[0, 1], [-1, -1]]
+
+
+def test_capacity_drops_counted_by_hand():
+    # Expert 0 is chosen by 5 tokens; capacity 2 keeps the first two.
+    experts = torch.tensor([[0], [1], [0], [0], [2], [0], [0]])
+    out = mr.plan(experts, 3, 2)
+    assert out.slots.flatten().tolist() == [0, 2, 1, -1, 4, -1, -1]
+    assert out.load.tolist() == [5, 1, 1]
+    assert out.kept.tolist() == [2, 1, 1]
+
+
+def test_dropless_layout_by_hand():
+    experts = torch.tensor([[1, 0], [1, 2], [0, 1]])
+    out = mr.plan(experts, 3, None)
+    # load = (2, 3, 1) -> offsets (0, 2, 5); choice order: (t0,e1) (t1,e1) (t2,e0) (t0,e0) (t1,e2) (t2,e1)
+    assert out.load.tolist() == [2, 3, 1] and out.kept.tolist() == [2, 3, 1]
+    assert out.slots.tolist() == [[2, 1], [3, 5], [0, 4]]
+
+
+def test_padding_is_routed_nowhere_and_counted_nowhere():
+    experts = torch.tensor([[0], [0], [1], [0]])
+    mask = torch.tensor([True, False, True, True])
+    out = mr.plan(experts, 2, 1, mask=mask)
+    assert out.slots.flatten().tolist() == [0, -1, 1, -1]
+    assert out.load.tolist() == [2, 1] and out.kept.tolist() == [1, 1]
+    dropless = mr.plan(experts, 2, None, mask=mask)
+    assert dropless.slots.flatten().tolist() == [0, -1, 2, 1]  # row 3 (padding) stays unused
+
+
+@pytest.mark.parametrize("priority", PRIORITIES)
+def test_layout_invariants(priority):
+    T, E, k, C = 4000, 16, 4, 700
+    experts = random_experts(T, E, k, seed=7)
+    mask = random_mask(T, seed=7)
+    slots, load, kept = mr.plan(experts, E, C, priority=priority, mask=mask)
+    used = slots[slots >= 0]
+    assert used.unique().numel() == used.numel()  # every row at most once
+    assert torch.equal(torch.bincount(used // C, minlength=E), kept)
+    assert torch.equal(kept, load.clamp(max=C))
+    assert torch.equal(torch.bincount(experts[mask].flatten(), minlength=E), load)
+    rows_in_expert = used % C  # rows of an expert are filled from 0 without gaps
+    for e in range(E):
+        assert torch.equal(rows_in_expert[used // C == e].sort().values, torch.arange(int(kept[e])))
+
+
+def test_thread_count_does_not_change_the_plan():
+    experts = random_experts(20000, 64, 4, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = mr.plan(experts, 64, 900)
+        torch.set_num_threads(max(2, threads))
+        many = mr.plan(experts, 64, 900)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+
+
+@pytest.mark.parametrize("T,E,k,factor,min_capacity", [
+    (4096, 8, 2, 1.25, 4), (4096, 8, 2, 1.0, 4), (10, 64, 1, 1.0, 4), (3, 64, 1, 1.0, 4),
+    (0, 8, 2, 1.0, 4), (1000, 7, 3, 1.1, 0), (10, 1, 1, 0.37, 2), (16384, 256, 8, 2.0, 4),
+])
+def test_capacity_formula(T, E, k, factor, min_capacity):
+    expected = min(max(min_capacity, math.ceil(factor * T * k / E - 1e-9)), T)
+    assert mr.capacity(T, E, k, factor, min_capacity) == expected
+    assert ref.capacity(T, E, k, factor, min_capacity) == expected
+
+
+def test_capacity_uses_exact_fractions():
+    # 1.1 * 100 / 2 is 55.00000000000001 in floating point: ceil would give 56.
+    assert math.ceil(1.1 * 100 * 1 / 2) == 56
+    assert mr.capacity(100, 2, 1, 1.1) == 55
+    assert mr.capacity(1000, 1, 1, 1.1) == 1000  # clamped to T
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(requires_grad):
+    for experts, E, capacity, kw in list(sample_inputs())[::5]:
+        weights = torch.rand(experts.shape, requires_grad=requires_grad)
+        torch.library.opcheck(torch.ops.moe_routing.plan, (experts, E, capacity),
+                              dict(kw, weights=weights))

@@ -1,0 +1,139 @@
+"""route: reference match, gradients, semantics by hand, gradcheck, opcheck."""
+import itertools
+
+import pytest
+import torch
+
+import moe_routing as mr
+from moe_routing import reference as ref
+
+from conftest import FLOAT_DTYPES, TOLERANCES, assert_close, noncontiguous, separated_logits
+
+SHAPES = [(0, 4, 1), (1, 1, 1), (1, 8, 8), (37, 8, 2), (64, 256, 8), (128, 64, 6), (300, 16, 3)]
+
+
+def sample_inputs(dtype=torch.float32):
+    """(logits, k, kwargs) covering shapes, scores, normalisation, bias and scale."""
+    for (T, E, k), score in itertools.product(SHAPES, ["softmax", "sigmoid"]):
+        logits = (torch.randn(T, E) * 2).to(dtype)
+        yield logits, k, dict(score=score)
+        yield noncontiguous(logits), k, dict(score=score, normalize=True, scale=2.5)
+        yield logits, k, dict(score=score, normalize=False, bias=torch.randn(E) * 0.1)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_matches_reference(dtype):
+    for logits, k, kw in sample_inputs(dtype):
+        out = mr.route(logits, k, **kw)
+        expected = ref.route(logits, k, **kw)
+        acc = ref.router_dtype(logits)
+        assert out.weights.dtype == acc and out.scores.dtype == acc
+        assert out.experts.dtype == torch.long
+        torch.testing.assert_close(out.experts, expected[1])
+        assert_close(out.weights, expected[0], acc)
+        assert_close(out.scores, expected[2], acc)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_backward_matches_reference(dtype, score, normalize):
+    logits = separated_logits(53, 16, dtype=dtype).requires_grad_()
+    logits_ref = logits.detach().clone().requires_grad_()
+    kw = dict(score=score, normalize=normalize, scale=1.5)
+    w, _, s = mr.route(logits, 4, **kw)
+    w_ref, _, s_ref = ref.route(logits_ref, 4, **kw)
+    gw, gs = torch.randn_like(w), torch.randn_like(s)
+    ((w * gw).sum() + (s * gs).sum()).backward()
+    ((w_ref * gw).sum() + (s_ref * gs).sum()).backward()
+    assert logits.grad.dtype == dtype
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(logits.grad, logits_ref.grad, rtol=rtol, atol=max(atol, 1e-6))
+
+
+def test_ties_go_to_lower_index_and_choices_descend():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0]])
+    out = mr.route(logits, 4)
+    assert out.experts.tolist() == [[1, 2, 4, 3]]
+    assert torch.all(out.weights[:, :-1] >= out.weights[:, 1:])
+
+
+def test_bias_changes_selection_not_weights():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))  # softmax = (0.5, 0.3, 0.2)
+    bias = torch.tensor([0.0, 0.0, 0.5])  # selection values (0.5, 0.3, 0.7)
+    out = mr.route(logits, 1, bias=bias)
+    assert out.experts.tolist() == [[2]]
+    torch.testing.assert_close(out.weights, torch.tensor([[0.2]]))  # unbiased score
+
+
+def test_normalize_default_and_scale():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    torch.testing.assert_close(mr.route(logits, 1).weights, torch.tensor([[0.5]]))
+    torch.testing.assert_close(mr.route(logits, 2).weights, torch.tensor([[0.625, 0.375]]))
+    torch.testing.assert_close(mr.route(logits, 2, normalize=False, scale=2.0).weights,
+                               torch.tensor([[1.0, 0.6]]))
+
+
+def test_sigmoid_scores_are_independent_per_expert():
+    logits = torch.tensor([[0.0, 2.0, -1.0]])
+    out = mr.route(logits, 2, score="sigmoid", normalize=False)
+    torch.testing.assert_close(out.scores, torch.sigmoid(logits))
+    torch.testing.assert_close(out.weights, torch.sigmoid(torch.tensor([[2.0, 0.0]])))
+
+
+def test_group_limited_selection_by_hand():
+    # 4 groups of 2 experts; sigmoid scores give group sums (best two)
+    # g0: .9+.2, g1: .6+.6, g2: .95+.05, g3: .5+.4 -> the two best groups are g1, g0.
+    s = torch.tensor([[0.9, 0.2, 0.6, 0.6, 0.95, 0.05, 0.5, 0.4]], dtype=torch.float64)
+    logits = torch.logit(s)
+    # Without groups the top-2 would be experts 4 (0.95) and 0 (0.9).
+    assert mr.route(logits, 2, score="sigmoid").experts.tolist() == [[4, 0]]
+    out = mr.route(logits, 2, score="sigmoid", num_groups=4, topk_groups=2)
+    assert out.experts.tolist() == [[0, 2]]  # 2 and 3 tie at .6: the lower index wins
+    torch.testing.assert_close(out.weights, torch.tensor([[0.9, 0.6]], dtype=torch.float64) / 1.5)
+    expected = ref.route(logits, 2, score="sigmoid", num_groups=4, topk_groups=2)
+    torch.testing.assert_close(out.experts, expected[1])
+
+
+def test_group_masking_is_minus_inf_not_zero():
+    # Selection values 0.5 + bias = (-1.5, -2.5 | 5.5, -8.5): group sums -4 and -3,
+    # so only group 1 survives. Filling group 0 with 0 (as Hugging Face does) would
+    # make expert 0 beat expert 3's -8.5; with -inf, k=2 takes both experts of group 1.
+    logits = torch.zeros(1, 4)
+    bias = torch.tensor([-2.0, -3.0, 5.0, -9.0])
+    out = mr.route(logits, 2, score="sigmoid", bias=bias, num_groups=2, topk_groups=1)
+    assert out.experts.tolist() == [[2, 3]]
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gradcheck(score, normalize):
+    logits = separated_logits(12, 8).requires_grad_()
+    bias = torch.linspace(-0.01, 0.01, 8, dtype=torch.float64)
+
+    def fn(x):
+        w, _, s = mr.route(x, 3, score=score, normalize=normalize, bias=bias, scale=1.7)
+        return w, s
+
+    assert torch.autograd.gradcheck(fn, (logits,))
+
+
+def test_gradcheck_groups():
+    logits = separated_logits(10, 8, seed=3).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: mr.route(x, 2, score="sigmoid", num_groups=4, topk_groups=2)[0::2], (logits,))
+
+
+def test_deterministic():
+    logits = torch.randn(513, 64)
+    a, b = mr.route(logits, 6), mr.route(logits, 6)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(requires_grad):
+    samples = list(sample_inputs(torch.float32))[::4] + list(sample_inputs(torch.float64))[1::7]
+    for logits, k, kw in samples:
+        logits = logits.clone().requires_grad_(requires_grad)
+        torch.library.opcheck(torch.ops.moe_routing.route, (logits, k), kw)
