@@ -81,17 +81,68 @@ class CombineFunction : public torch::autograd::Function<CombineFunction> {
 class LoadBalancingLossFunction : public torch::autograd::Function<LoadBalancingLossFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& scores,
-                            const at::Tensor& experts, const std::optional<at::Tensor>& mask) {
+                            const at::Tensor& experts, const std::optional<at::Tensor>& mask,
+                            std::optional<c10::SymInt> seq_len) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    static auto loss_op =
+        op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                      std::optional<c10::SymInt>)>("moe_routing::load_balancing_loss");
     ctx->save_for_backward({scores, experts, mask.value_or(at::Tensor())});
-    return load_balancing_loss(scores, experts, mask);
+    if (seq_len.has_value()) ctx->saved_data["seq_len"] = *seq_len;
+    return loss_op.call(scores, experts, mask, seq_len);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto backward_op = op<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, const std::optional<at::Tensor>&,
+                                            std::optional<c10::SymInt>)>(
+        "moe_routing::load_balancing_loss_backward");
+    const auto saved = ctx->get_saved_variables();
+    std::optional<at::Tensor> mask;
+    if (saved[2].defined()) mask = saved[2];
+    std::optional<c10::SymInt> seq_len;
+    if (ctx->saved_data.count("seq_len")) seq_len = ctx->saved_data["seq_len"].toSymInt();
+    return {backward_op.call(grads[0], saved[0], saved[1], mask, seq_len), {}, {}, {}};
+  }
+};
+
+class ExpertChoiceFunction : public torch::autograd::Function<ExpertChoiceFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& scores,
+                               c10::SymInt capacity, const std::optional<at::Tensor>& mask) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto choice_op = op<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, c10::SymInt, const std::optional<at::Tensor>&)>(
+        "moe_routing::expert_choice");
+    auto [weights, tokens] = choice_op.call(scores, std::move(capacity), mask);
+    ctx->mark_non_differentiable({tokens});
+    ctx->save_for_backward({tokens});
+    ctx->saved_data["num_tokens"] = scores.sym_size(0);
+    return {weights, tokens};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto backward_op = op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>(
+        "moe_routing::expert_choice_backward");
+    return {backward_op.call(grads[0], ctx->get_saved_variables()[0],
+                             ctx->saved_data["num_tokens"].toSymInt()),
+            {}, {}};
+  }
+};
+
+class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& counts) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, weight, counts});
+    return grouped_mm(x, weight, counts);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    std::optional<at::Tensor> mask;
-    if (saved[2].defined()) mask = saved[2];
-    return {load_balancing_loss_backward(grads[0], saved[0], saved[1], mask), {}, {}};
+    auto [grad_x, grad_weight] = grouped_mm_backward(grads[0], saved[0], saved[1], saved[2]);
+    return {grad_x, grad_weight, {}};
   }
 };
 
@@ -131,8 +182,21 @@ at::Tensor combine_autograd(const at::Tensor& expert_out, const at::Tensor& slot
 }
 
 at::Tensor load_balancing_loss_autograd(const at::Tensor& scores, const at::Tensor& experts,
-                                        const std::optional<at::Tensor>& mask) {
-  return LoadBalancingLossFunction::apply(scores, experts, mask);
+                                        const std::optional<at::Tensor>& mask,
+                                        std::optional<c10::SymInt> seq_len) {
+  return LoadBalancingLossFunction::apply(scores, experts, mask, std::move(seq_len));
+}
+
+std::tuple<at::Tensor, at::Tensor> expert_choice_autograd(const at::Tensor& scores,
+                                                          c10::SymInt capacity,
+                                                          const std::optional<at::Tensor>& mask) {
+  auto out = ExpertChoiceFunction::apply(scores, std::move(capacity), mask);
+  return {out[0], out[1]};
+}
+
+at::Tensor grouped_mm_autograd(const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& counts) {
+  return GroupedMmFunction::apply(x, weight, counts);
 }
 
 at::Tensor z_loss_autograd(const at::Tensor& logits, const std::optional<at::Tensor>& mask) {
@@ -149,4 +213,6 @@ TORCH_LIBRARY_IMPL(moe_routing, Autograd, m) {
   m.impl("combine", &combine_autograd);
   m.impl("load_balancing_loss", &load_balancing_loss_autograd);
   m.impl("z_loss", &z_loss_autograd);
+  m.impl("expert_choice", &expert_choice_autograd);
+  m.impl("grouped_mm", &grouped_mm_autograd);
 }

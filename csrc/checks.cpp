@@ -14,7 +14,10 @@ Score parse_score(const char* op, const std::string& score) {
 Priority parse_priority(const char* op, const std::string& priority) {
   if (priority == "choice") return Priority::Choice;
   if (priority == "token") return Priority::Token;
-  TORCH_CHECK(false, op, ": priority must be \"choice\" or \"token\", got \"", priority, "\"");
+  if (priority == "score") return Priority::Score;
+  if (priority == "batch") return Priority::Batch;
+  TORCH_CHECK(false, op, ": priority must be \"choice\", \"token\", \"score\" or \"batch\", got \"",
+              priority, "\"");
 }
 
 void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim,
@@ -104,7 +107,6 @@ void check_plan_args(const at::Tensor& experts, int64_t num_experts,
                      std::optional<c10::SymInt> capacity, const std::optional<at::Tensor>& weights,
                      Priority priority, const std::optional<at::Tensor>& mask) {
   constexpr const char* op = "moe_routing::plan";
-  (void)priority;
   check_dim(op, "experts", experts, 2, "[T, k]");
   check_dtype(op, "experts", experts, at::kLong);
   TORCH_CHECK(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
@@ -165,7 +167,8 @@ void check_combine_args(const at::Tensor& expert_out, const at::Tensor& slots,
 }
 
 void check_load_balancing_args(const at::Tensor& scores, const at::Tensor& experts,
-                               const std::optional<at::Tensor>& mask) {
+                               const std::optional<at::Tensor>& mask,
+                               const std::optional<c10::SymInt>& seq_len) {
   constexpr const char* op = "moe_routing::load_balancing_loss";
   check_dim(op, "scores", scores, 2, "[T, E]");
   TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble, op,
@@ -177,6 +180,51 @@ void check_load_balancing_args(const at::Tensor& scores, const at::Tensor& exper
               scores.sym_size(0), " rows like scores, got ", experts.sym_size(0));
   TORCH_CHECK(experts.sym_size(1) >= 1, op, ": experts must have k >= 1 columns");
   check_mask(op, mask, scores);
+  if (seq_len.has_value()) {
+    TORCH_CHECK(*seq_len >= 1 && scores.sym_size(0) % *seq_len == 0, op,
+                ": seq_len must be >= 1 and divide T=", scores.sym_size(0), ", got ", *seq_len);
+  }
+}
+
+void check_expert_choice_args(const at::Tensor& scores, const c10::SymInt& capacity,
+                              const std::optional<at::Tensor>& mask) {
+  constexpr const char* op = "moe_routing::expert_choice";
+  check_dim(op, "scores", scores, 2, "[T, E]");
+  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble, op,
+              ": scores must be float32 or float64, got ", scores.scalar_type());
+  TORCH_CHECK(capacity >= 0, op, ": capacity must be >= 0, got ", capacity);
+  check_mask(op, mask, scores);
+}
+
+void check_expert_choice_backward_args(const at::Tensor& grad_weights, const at::Tensor& tokens,
+                                       const c10::SymInt& num_tokens) {
+  constexpr const char* op = "moe_routing::expert_choice_backward";
+  check_dim(op, "grad_weights", grad_weights, 2, "[E, C]");
+  TORCH_CHECK(grad_weights.scalar_type() == at::kFloat || grad_weights.scalar_type() == at::kDouble,
+              op, ": grad_weights must be float32 or float64, got ", grad_weights.scalar_type());
+  check_dim(op, "tokens", tokens, 2, "[E, C]");
+  check_dtype(op, "tokens", tokens, at::kLong);
+  check_same_device(op, "tokens", tokens, grad_weights);
+  TORCH_CHECK(tokens.sym_sizes() == grad_weights.sym_sizes(), op,
+              ": tokens must have the shape of grad_weights ", grad_weights.sym_sizes(), ", got ",
+              tokens.sym_sizes());
+  TORCH_CHECK(num_tokens >= 0, op, ": num_tokens must be >= 0, got ", num_tokens);
+}
+
+void check_grouped_mm_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& counts) {
+  constexpr const char* op = "moe_routing::grouped_mm";
+  check_dim(op, "x", x, 2, "[R, H]");
+  check_floating(op, "x", x);
+  check_dim(op, "weight", weight, 3, "[E, H, F]");
+  check_dtype(op, "weight", weight, x.scalar_type());
+  check_same_device(op, "weight", weight, x);
+  TORCH_CHECK(weight.sym_size(1) == x.sym_size(1), op, ": weight must be [E, H=", x.sym_size(1),
+              ", F], got ", weight.sym_sizes());
+  check_dim(op, "counts", counts, 1, "[E]");
+  check_dtype(op, "counts", counts, at::kLong);
+  check_same_device(op, "counts", counts, x);
+  TORCH_CHECK(counts.sym_size(0) == weight.sym_size(0), op, ": counts must have E=",
+              weight.sym_size(0), " entries, got ", counts.sym_size(0));
 }
 
 void check_z_loss_args(const char* op, const at::Tensor& logits,

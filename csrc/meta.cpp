@@ -75,16 +75,18 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_meta(const at::Tensor& grad_
 }
 
 at::Tensor load_balancing_loss_meta(const at::Tensor& scores, const at::Tensor& experts,
-                                    const std::optional<at::Tensor>& mask) {
-  detail::check_load_balancing_args(scores, experts, mask);
+                                    const std::optional<at::Tensor>& mask,
+                                    std::optional<c10::SymInt> seq_len) {
+  detail::check_load_balancing_args(scores, experts, mask, seq_len);
   return empty({}, scores, scores.scalar_type());
 }
 
 at::Tensor load_balancing_loss_backward_meta(const at::Tensor& grad, const at::Tensor& scores,
                                              const at::Tensor& experts,
-                                             const std::optional<at::Tensor>& mask) {
+                                             const std::optional<at::Tensor>& mask,
+                                             std::optional<c10::SymInt> seq_len) {
   (void)grad;
-  detail::check_load_balancing_args(scores, experts, mask);
+  detail::check_load_balancing_args(scores, experts, mask, seq_len);
   return empty(scores.sym_sizes(), scores, scores.scalar_type());
 }
 
@@ -98,6 +100,34 @@ at::Tensor z_loss_backward_meta(const at::Tensor& grad, const at::Tensor& logits
   (void)grad;
   detail::check_z_loss_args("moe_routing::z_loss_backward", logits, mask);
   return empty(logits.sym_sizes(), logits, logits.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> expert_choice_meta(const at::Tensor& scores,
+                                                      c10::SymInt capacity,
+                                                      const std::optional<at::Tensor>& mask) {
+  detail::check_expert_choice_args(scores, capacity, mask);
+  const c10::SymInt E = scores.sym_size(1);
+  return {empty({E, capacity}, scores, scores.scalar_type()), empty({E, capacity}, scores, at::kLong)};
+}
+
+at::Tensor expert_choice_backward_meta(const at::Tensor& grad_weights, const at::Tensor& tokens,
+                                       c10::SymInt num_tokens) {
+  detail::check_expert_choice_backward_args(grad_weights, tokens, num_tokens);
+  return empty({num_tokens, tokens.sym_size(0)}, grad_weights, grad_weights.scalar_type());
+}
+
+at::Tensor grouped_mm_meta(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& counts) {
+  detail::check_grouped_mm_args(x, weight, counts);
+  return empty({x.sym_size(0), weight.sym_size(2)}, x, x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_meta(const at::Tensor& grad,
+                                                            const at::Tensor& x,
+                                                            const at::Tensor& weight,
+                                                            const at::Tensor& counts) {
+  (void)grad;
+  detail::check_grouped_mm_args(x, weight, counts);
+  return {empty(x.sym_sizes(), x, x.scalar_type()), empty(weight.sym_sizes(), weight, weight.scalar_type())};
 }
 
 }  // namespace
@@ -116,4 +146,8 @@ TORCH_LIBRARY_IMPL(moe_routing, Meta, m) {
   m.impl("load_balancing_loss_backward", &load_balancing_loss_backward_meta);
   m.impl("z_loss", &z_loss_meta);
   m.impl("z_loss_backward", &z_loss_backward_meta);
+  m.impl("expert_choice", &expert_choice_meta);
+  m.impl("expert_choice_backward", &expert_choice_backward_meta);
+  m.impl("grouped_mm", &grouped_mm_meta);
+  m.impl("grouped_mm_backward", &grouped_mm_backward_meta);
 }

@@ -53,17 +53,33 @@ std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_y,
                                                     const at::Tensor& slots,
                                                     const at::Tensor& weights);
 
-// Switch / GShard load-balancing loss, 1.0 under perfect balance.
+// Switch / GShard load-balancing loss, 1.0 under perfect balance; with
+// seq_len, the DeepSeek-V3 sequence-wise form (averaged over sequences).
 at::Tensor load_balancing_loss(const at::Tensor& scores, const at::Tensor& experts,
-                               const std::optional<at::Tensor>& mask = std::nullopt);
+                               const std::optional<at::Tensor>& mask = std::nullopt,
+                               std::optional<int64_t> seq_len = std::nullopt);
 at::Tensor load_balancing_loss_backward(const at::Tensor& grad, const at::Tensor& scores,
                                         const at::Tensor& experts,
-                                        const std::optional<at::Tensor>& mask);
+                                        const std::optional<at::Tensor>& mask,
+                                        std::optional<int64_t> seq_len = std::nullopt);
 
 // ST-MoE router z-loss: mean of logsumexp(logits)^2 over valid tokens.
 at::Tensor z_loss(const at::Tensor& logits, const std::optional<at::Tensor>& mask = std::nullopt);
 at::Tensor z_loss_backward(const at::Tensor& grad, const at::Tensor& logits,
                            const std::optional<at::Tensor>& mask);
+
+// Expert Choice routing: each expert takes its top-C tokens.
+// Returns (weights [E,C], tokens [E,C] int64, -1 where fewer than C tokens are valid).
+std::tuple<at::Tensor, at::Tensor> expert_choice(const at::Tensor& scores, int64_t capacity,
+                                                 const std::optional<at::Tensor>& mask = std::nullopt);
+at::Tensor expert_choice_backward(const at::Tensor& grad_weights, const at::Tensor& tokens,
+                                  int64_t num_tokens);
+
+// Per-expert matrix product on the packed (dropless) layout: [R, H] x [E, H, F] -> [R, F].
+at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& counts);
+std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                       const at::Tensor& weight,
+                                                       const at::Tensor& counts);
 
 // ---------------------------------------------------------------------------
 // Shared argument checks: every backend (CPU, CUDA, Meta) calls these, so a
@@ -72,7 +88,7 @@ at::Tensor z_loss_backward(const at::Tensor& grad, const at::Tensor& logits,
 namespace detail {
 
 enum class Score { Softmax, Sigmoid };
-enum class Priority { Choice, Token };
+enum class Priority { Choice, Token, Score, Batch };
 
 Score parse_score(const char* op, const std::string& score);
 Priority parse_priority(const char* op, const std::string& priority);
@@ -80,6 +96,11 @@ Priority parse_priority(const char* op, const std::string& priority);
 // normalize=None means "k > 1".
 inline bool resolve_normalize(std::optional<bool> normalize, int64_t k) {
   return normalize.has_value() ? *normalize : k > 1;
+}
+
+inline std::optional<c10::SymInt> to_symint(std::optional<int64_t> value) {
+  if (!value.has_value()) return std::nullopt;
+  return c10::SymInt(*value);
 }
 
 // Float type of weights and scores: float64 for float64 logits, else float32.
@@ -111,7 +132,13 @@ void check_dispatch_backward_args(const at::Tensor& grad_out, const at::Tensor& 
 void check_combine_args(const at::Tensor& expert_out, const at::Tensor& slots,
                         const at::Tensor& weights);
 void check_load_balancing_args(const at::Tensor& scores, const at::Tensor& experts,
-                               const std::optional<at::Tensor>& mask);
+                               const std::optional<at::Tensor>& mask,
+                               const std::optional<c10::SymInt>& seq_len);
+void check_expert_choice_args(const at::Tensor& scores, const c10::SymInt& capacity,
+                              const std::optional<at::Tensor>& mask);
+void check_expert_choice_backward_args(const at::Tensor& grad_weights, const at::Tensor& tokens,
+                                       const c10::SymInt& num_tokens);
+void check_grouped_mm_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& counts);
 
 // op is "moe_routing::z_loss" or "moe_routing::z_loss_backward".
 void check_z_loss_args(const char* op, const at::Tensor& logits,

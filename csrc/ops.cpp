@@ -80,9 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plan(const at::Tensor& experts,
           const at::Tensor&, int64_t, std::optional<c10::SymInt>,
           const std::optional<at::Tensor>&, c10::string_view, const std::optional<at::Tensor>&)>(
           "moe_routing::plan");
-  std::optional<c10::SymInt> sym_capacity;
-  if (capacity.has_value()) sym_capacity = c10::SymInt(*capacity);
-  return handle.call(experts, num_experts, sym_capacity, weights, priority, mask);
+  return handle.call(experts, num_experts, detail::to_symint(capacity), weights, priority, mask);
 }
 
 at::Tensor dispatch(const at::Tensor& x, const at::Tensor& slots, int64_t num_rows) {
@@ -115,20 +113,53 @@ std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_y,
 }
 
 at::Tensor load_balancing_loss(const at::Tensor& scores, const at::Tensor& experts,
-                               const std::optional<at::Tensor>& mask) {
+                               const std::optional<at::Tensor>& mask,
+                               std::optional<int64_t> seq_len) {
   static auto handle =
-      op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&)>(
-          "moe_routing::load_balancing_loss");
-  return handle.call(scores, experts, mask);
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                    std::optional<c10::SymInt>)>("moe_routing::load_balancing_loss");
+  return handle.call(scores, experts, mask, detail::to_symint(seq_len));
 }
 
 at::Tensor load_balancing_loss_backward(const at::Tensor& grad, const at::Tensor& scores,
                                         const at::Tensor& experts,
-                                        const std::optional<at::Tensor>& mask) {
+                                        const std::optional<at::Tensor>& mask,
+                                        std::optional<int64_t> seq_len) {
   static auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     const std::optional<at::Tensor>&)>(
+                                     const std::optional<at::Tensor>&,
+                                     std::optional<c10::SymInt>)>(
       "moe_routing::load_balancing_loss_backward");
-  return handle.call(grad, scores, experts, mask);
+  return handle.call(grad, scores, experts, mask, detail::to_symint(seq_len));
+}
+
+std::tuple<at::Tensor, at::Tensor> expert_choice(const at::Tensor& scores, int64_t capacity,
+                                                 const std::optional<at::Tensor>& mask) {
+  static auto handle = op<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, c10::SymInt, const std::optional<at::Tensor>&)>(
+      "moe_routing::expert_choice");
+  return handle.call(scores, c10::SymInt(capacity), mask);
+}
+
+at::Tensor expert_choice_backward(const at::Tensor& grad_weights, const at::Tensor& tokens,
+                                  int64_t num_tokens) {
+  static auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>(
+      "moe_routing::expert_choice_backward");
+  return handle.call(grad_weights, tokens, c10::SymInt(num_tokens));
+}
+
+at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& counts) {
+  static auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "moe_routing::grouped_mm");
+  return handle.call(x, weight, counts);
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                       const at::Tensor& weight,
+                                                       const at::Tensor& counts) {
+  static auto handle = op<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+      "moe_routing::grouped_mm_backward");
+  return handle.call(grad, x, weight, counts);
 }
 
 at::Tensor z_loss(const at::Tensor& logits, const std::optional<at::Tensor>& mask) {
@@ -173,13 +204,27 @@ TORCH_LIBRARY(moe_routing, m) {
       "combine_backward(Tensor grad_y, Tensor expert_out, Tensor slots, Tensor weights) "
       "-> (Tensor grad_expert_out, Tensor grad_weights)",
       tags);
-  m.def("load_balancing_loss(Tensor scores, Tensor experts, *, Tensor? mask=None) -> Tensor", tags);
   m.def(
-      "load_balancing_loss_backward(Tensor grad, Tensor scores, Tensor experts, Tensor? mask) "
-      "-> Tensor",
+      "load_balancing_loss(Tensor scores, Tensor experts, *, Tensor? mask=None, "
+      "SymInt? seq_len=None) -> Tensor",
+      tags);
+  m.def(
+      "load_balancing_loss_backward(Tensor grad, Tensor scores, Tensor experts, Tensor? mask, "
+      "SymInt? seq_len) -> Tensor",
       tags);
   m.def("z_loss(Tensor logits, *, Tensor? mask=None) -> Tensor", tags);
   m.def("z_loss_backward(Tensor grad, Tensor logits, Tensor? mask) -> Tensor", tags);
+  m.def(
+      "expert_choice(Tensor scores, SymInt capacity, *, Tensor? mask=None) "
+      "-> (Tensor weights, Tensor tokens)",
+      tags);
+  m.def("expert_choice_backward(Tensor grad_weights, Tensor tokens, SymInt num_tokens) -> Tensor",
+        tags);
+  m.def("grouped_mm(Tensor x, Tensor weight, Tensor counts) -> Tensor", tags);
+  m.def(
+      "grouped_mm_backward(Tensor grad, Tensor x, Tensor weight, Tensor counts) "
+      "-> (Tensor grad_x, Tensor grad_weight)",
+      tags);
 }
 
 TORCH_LIBRARY_IMPL(moe_routing, CompositeImplicitAutograd, m) {

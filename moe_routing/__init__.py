@@ -11,11 +11,15 @@ except ImportError as error:  # pragma: no cover - exercised only on broken inst
     ) from error
 
 from .ops import (  # noqa: E402
+    ExpertChoice,
     Plan,
     Routing,
     capacity,
     combine,
     dispatch,
+    expert_choice,
+    expert_choice_slots,
+    grouped_mm,
     load_balancing_loss,
     plan,
     route,
@@ -25,6 +29,6 @@ from .layers import MoE, Experts, Router, RouterOutput, aux_loss, routing_stats 
 from . import reference  # noqa: E402,F401
 
 __all__ = [
-    "Plan", "Routing", "capacity", "combine", "dispatch", "load_balancing_loss", "plan",
-    "route", "z_loss", "MoE", "Experts", "Router", "RouterOutput", "aux_loss", "routing_stats",
+    "ExpertChoice", "Plan", "Routing", "capacity", "combine", "dispatch", "expert_choice",
+    "expert_choice_slots", "grouped_mm", "load_balancing_loss", "plan", "route", "z_loss", "MoE", "Experts", "Router", "RouterOutput", "aux_loss", "routing_stats",
 ]

@@ -94,12 +94,16 @@ def plan(
             layout of T*k rows where expert e owns rows offsets[e] ..
             offsets[e+1]-1 (offsets = exclusive cumsum of ``kept``); unused
             rows (padding tokens) are at the end.
-        weights: [T, k] router weights (used by weight-based priorities).
+        weights: [T, k] router weights; needed by "score" and "batch".
         priority: who gets the rows of an overflowing expert, and the row
             order inside an expert: ``"choice"``: all first choices in token
             order, then all second choices, ... (GShard, Switch, DeepSpeed,
             Tutel); ``"token"``: token order, a token's choices in choice order
-            (Megatron-Core and TransformerEngine).
+            (Megatron-Core and TransformerEngine "position"); ``"score"``: per
+            expert the C assignments with the largest weight survive, ties and
+            row order in "choice" order (Megatron-Core "probs"); ``"batch"``:
+            tokens sorted by descending top-1 (largest) weight, ties in token
+            order, then "choice" order (V-MoE batch-prioritised routing).
         mask: [T] bool, False = padding: routed nowhere (slot -1), not counted.
 
     Returns:
@@ -151,20 +155,86 @@ def combine(expert_out: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
 
 
 def load_balancing_loss(
-    scores: torch.Tensor, experts: torch.Tensor, *, mask: Optional[torch.Tensor] = None
+    scores: torch.Tensor,
+    experts: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    seq_len: Optional[Union[int, torch.SymInt]] = None,
 ) -> torch.Tensor:
     """Switch / GShard load-balancing loss ``E * sum_e f_e * P_e``.
 
     ``f_e`` = assignments to e / (valid tokens * k), ``P_e`` = mean over valid
     tokens of ``scores[:, e]``. Equals 1 under perfect balance; 0 when no token
-    is valid. Conversions: Hugging Face Mixtral's ``load_balancing_loss_func``
-    is k times this value; Megatron-Core's ``switch_load_balancing_loss_func``
-    (before its coefficient) equals it. Differentiable in ``scores``.
+    is valid. With ``seq_len`` (which must divide T), the DeepSeek-V3
+    sequence-wise form: f and P per sequence of ``seq_len`` consecutive
+    tokens, the loss averaged over sequences that hold a valid token (for
+    DeepSeek-V3's sigmoid router pass ``scores / scores.sum(-1, keepdim=True)``,
+    its normalised affinities).
+
+    Conversions (tested in tests/test_losses.py): Hugging Face's
+    ``load_balancing_loss_func`` (Mixtral, Qwen-MoE) is k times this value;
+    Megatron-Core's ``switch_load_balancing_loss_func`` (before its
+    coefficient) equals it; DeepSpeed's top-1 and top-2 gating ``l_aux``
+    count first choices only: it equals this loss on ``experts[:, :1]``.
+    Differentiable in ``scores``.
     """
-    return _ops.load_balancing_loss(scores, experts, mask=mask)
+    return _ops.load_balancing_loss(scores, experts, mask=mask, seq_len=seq_len)
 
 
 def z_loss(logits: torch.Tensor, *, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ST-MoE router z-loss: mean over valid tokens of ``logsumexp(logits[t])**2``
     (0 when no token is valid). Differentiable in ``logits``."""
     return _ops.z_loss(logits, mask=mask)
+
+
+class ExpertChoice(NamedTuple):
+    """Result of :func:`expert_choice`."""
+
+    weights: torch.Tensor  # [E, C]: scores of the chosen tokens, 0 where none
+    tokens: torch.Tensor  # [E, C] int64: chosen tokens by descending score, -1 where none
+
+
+def expert_choice(
+    scores: torch.Tensor,
+    capacity: Union[int, torch.SymInt],
+    *,
+    mask: Optional[torch.Tensor] = None,
+) -> ExpertChoice:
+    """Expert Choice routing (Zhou et al. 2022): each expert takes the
+    ``capacity`` tokens with the largest ``scores[:, e]`` (ties to the lower
+    token index), in descending order. Padding tokens (mask False) are never
+    taken; slots left empty hold token -1 and weight 0. Differentiable in
+    ``scores``. :func:`expert_choice_slots` turns the result into the slots and
+    weights that :func:`dispatch` and :func:`combine` take.
+    """
+    return ExpertChoice(*_ops.expert_choice(scores, capacity, mask=mask))
+
+
+def expert_choice_slots(choice: ExpertChoice, num_tokens: Union[int, torch.SymInt]):
+    """The inverse map of an :func:`expert_choice` result, from tokens to rows:
+    ``(slots [T, E] int64, weights [T, E])`` with ``slots[t, e] = e * C + c``
+    when expert e took token t as its c-th choice, else -1 (and weight 0).
+    Every (token, expert) pair is taken at most once, so the scatters have one
+    writer per entry: deterministic, and differentiable in the weights."""
+    weights, tokens = choice
+    E, C = tokens.shape
+    rows = torch.arange(E * C, device=tokens.device).view(E, C)
+    # Empty slots (-1) scatter into a spare column T that is cut off.
+    column = torch.where(tokens >= 0, tokens, num_tokens)
+    slots = torch.full((E, num_tokens + 1), -1, dtype=torch.long, device=tokens.device)
+    slots = slots.scatter(1, column, rows)
+    token_weights = weights.new_zeros(E, num_tokens + 1).scatter(1, column, weights)
+    return slots[:, :num_tokens].t(), token_weights[:, :num_tokens].t()
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per-expert matrix product on the packed (dropless) layout.
+
+    ``x`` [R, H] holds expert e's rows at ``offsets[e] .. offsets[e] + counts[e] - 1``
+    (offsets = exclusive cumsum of ``counts`` [E] int64, as :func:`plan` with
+    ``capacity=None`` lays them out, ``counts`` = its ``kept``); the result
+    [R, F] holds ``x[rows of e] @ weight[e]`` for ``weight`` [E, H, F], and zeros
+    in rows past ``sum(counts)``. Output sizes follow from input sizes alone,
+    so it compiles with fullgraph=True. Differentiable in ``x`` and ``weight``.
+    """
+    return _ops.grouped_mm(x, weight, counts)

@@ -51,43 +51,48 @@ def route(logits, k, *, score="softmax", normalize=None, bias=None, num_groups=1
     return weights * scale, experts, scores
 
 
-def _priority_order(experts: torch.Tensor, priority: str) -> torch.Tensor:
+def _priority_order(experts, priority, weights):
     """Flat indices t*k+j of all assignments, in priority order."""
     T, k = experts.shape
-    index = torch.arange(T * k, device=experts.device).view(T, k)
-    if priority == "choice":
-        return index.t().reshape(-1)
+    index = torch.arange(T * k).view(T, k)
+    if priority in ("choice", "score"):  # "score" keeps choice order for its rows
+        return index.t().reshape(-1).tolist()
     if priority == "token":
-        return index.reshape(-1)
-    raise ValueError(f"priority must be 'choice' or 'token', got {priority!r}")
+        return index.reshape(-1).tolist()
+    if priority == "batch":  # tokens by descending top-1 weight, then choice order
+        top1 = weights.detach().cpu().double().max(dim=1).values if k else torch.zeros(T)
+        by_weight = torch.sort(-top1, stable=True).indices
+        return index[by_weight].t().reshape(-1).tolist()
+    raise ValueError(f"priority must be 'choice', 'token', 'score' or 'batch', got {priority!r}")
 
 
 def plan(experts, num_experts, capacity=None, *, weights=None, priority="choice", mask=None):
-    """A direct loop: visit assignments in priority order, hand out rows."""
+    """A direct loop: list each expert's assignments in priority order, hand out rows."""
     T, k = experts.shape
-    valid = torch.ones(T, dtype=torch.bool) if mask is None else mask.cpu()
-    flat = experts.reshape(-1).cpu()
-    order = _priority_order(experts, priority).cpu()
-    load = torch.zeros(num_experts, dtype=torch.long)
-    for i in order.tolist():
+    valid = [True] * T if mask is None else mask.tolist()
+    flat = experts.reshape(-1).tolist()
+    members = [[] for _ in range(num_experts)]  # per expert, flat indices in priority order
+    for i in _priority_order(experts, priority, weights):
         if valid[i // k]:
-            load[flat[i]] += 1
+            members[flat[i]].append(i)
+    load = torch.tensor([len(m) for m in members], dtype=torch.long)
     kept = load.clone() if capacity is None else load.clamp(max=capacity)
-    offsets = torch.cumsum(load, 0) - load  # dropless: expert e starts at offsets[e]
-    filled = torch.zeros(num_experts, dtype=torch.long)
-    slots = torch.full((T * k,), -1, dtype=torch.long)
-    for i in order.tolist():
-        if not valid[i // k]:
-            continue
-        e = int(flat[i])
-        rank = int(filled[e])
-        filled[e] += 1
+    offsets = (torch.cumsum(load, 0) - load).tolist()  # dropless: expert e starts here
+    slots = [-1] * (T * k)
+    for e, mine in enumerate(members):
         if capacity is None:
-            slots[i] = offsets[e] + rank
-        elif rank < capacity:
+            for rank, i in enumerate(mine):
+                slots[i] = offsets[e] + rank
+            continue
+        if priority == "score" and len(mine) > capacity:  # the heaviest C, ties to the earlier
+            w = weights.detach().cpu().double().reshape(-1).tolist()
+            heaviest = sorted(range(len(mine)), key=lambda r: (-w[mine[r]], r))[:capacity]
+            mine = [mine[r] for r in sorted(heaviest)]
+        for rank, i in enumerate(mine[:capacity]):
             slots[i] = e * capacity + rank
     device = experts.device
-    return slots.view(T, k).to(device), load.to(device), kept.to(device)
+    return (torch.tensor(slots, dtype=torch.long).view(T, k).to(device), load.to(device),
+            kept.to(device))
 
 
 def capacity(num_tokens, num_experts, k, capacity_factor, min_capacity=4):
@@ -116,15 +121,21 @@ def combine(expert_out, slots, weights):
     return y.to(rows.dtype)
 
 
-def load_balancing_loss(scores, experts, *, mask=None):
+def load_balancing_loss(scores, experts, *, mask=None, seq_len=None):
     T, E = scores.shape
     k = experts.shape[1]
     valid = torch.ones(T, dtype=torch.bool, device=scores.device) if mask is None else mask
-    n = valid.sum().clamp(min=1)  # no valid token: every sum is 0, and so is the loss
-    one_hot = torch.nn.functional.one_hot(experts, E).sum(1)  # [T, E] assignments
-    f = (one_hot * valid[:, None]).sum(0).to(scores.dtype) / (n * k)
-    p = (scores * valid[:, None]).sum(0) / n
-    return E * (f * p).sum()
+    L = seq_len or max(T, 1)
+    S = max(T // L, 1)
+    # Per sequence s (one sequence without seq_len): f_se and P_se.
+    valid = valid.view(-1, L) if T else valid.view(1, 0)
+    n = valid.sum(1).clamp(min=1)  # no valid token: every sum is 0, and so is the loss
+    one_hot = torch.nn.functional.one_hot(experts, E).sum(1).view(S, -1, E)  # assignments
+    f = (one_hot * valid[..., None]).sum(1).to(scores.dtype) / (n[:, None] * k)
+    p = (scores.view(S, -1, E) * valid[..., None]).sum(1) / n[:, None]
+    per_sequence = E * (f * p).sum(1)
+    counted = (valid.sum(1) > 0).sum().clamp(min=1)
+    return per_sequence.sum() / counted
 
 
 def z_loss(logits, *, mask=None):
@@ -134,3 +145,28 @@ def z_loss(logits, *, mask=None):
     n = valid.sum()
     loss = (lse.square() * valid).sum() / n.clamp(min=1)
     return loss
+
+
+def expert_choice(scores, capacity, *, mask=None):
+    T, E = scores.shape
+    masked = scores if mask is None else scores.masked_fill(~mask[:, None], -math.inf)
+    # Stable sort of each column: ties keep the lower token index first.
+    order = torch.sort(-masked.t(), dim=1, stable=True).indices[:, :capacity]  # [E, <=C]
+    weights = masked.t().gather(1, order)
+    taken = torch.isfinite(weights)
+    tokens = torch.where(taken, order, -1)
+    weights = torch.where(taken, weights, 0)
+    pad = capacity - order.shape[1]  # fewer tokens than capacity
+    if pad > 0:
+        tokens = torch.cat([tokens, tokens.new_full((E, pad), -1)], 1)
+        weights = torch.cat([weights, weights.new_zeros(E, pad)], 1)
+    return weights, tokens
+
+
+def grouped_mm(x, weight, counts):
+    out = x.new_zeros(x.shape[0], weight.shape[2])
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        out[start:start + n] = x[start:start + n] @ weight[e]
+        start += n
+    return out

@@ -19,101 +19,122 @@ const bool* mask_data(const std::optional<at::Tensor>& mask, at::Tensor& holder)
   return holder.const_data_ptr<bool>();
 }
 
-// Per-expert assignment counts and the number of valid tokens.
-std::vector<int64_t> count_assignments(const char* op, const at::Tensor& experts, int64_t E,
-                                       const bool* mask, int64_t* valid_tokens) {
+// Per-sequence assignment counts and valid tokens. Without seq_len the whole
+// batch is one sequence.
+struct SequenceCounts {
+  int64_t sequences, seq_len;
+  std::vector<int64_t> assignments;  // [sequences, E]
+  std::vector<int64_t> valid;        // [sequences]
+  int64_t counted;                   // sequences with at least one valid token
+};
+
+SequenceCounts count_assignments(const char* op, const at::Tensor& experts, int64_t E,
+                                 const bool* mask, std::optional<int64_t> seq_len) {
   const int64_t T = experts.size(0), k = experts.size(1);
+  const int64_t L = seq_len.value_or(std::max<int64_t>(T, 1));
+  SequenceCounts c{T / L, L, {}, {}, 0};
+  c.sequences = std::max<int64_t>(c.sequences, 1);
+  c.assignments.assign(c.sequences * E, 0);
+  c.valid.assign(c.sequences, 0);
   const int64_t* idx = experts.const_data_ptr<int64_t>();
-  std::vector<int64_t> counts(E, 0);
-  int64_t valid = 0;
   for (int64_t t = 0; t < T; ++t) {
     if (!is_valid(mask, t)) continue;
-    ++valid;
+    const int64_t s = t / L;
+    ++c.valid[s];
     for (int64_t j = 0; j < k; ++j) {
       const int64_t e = idx[t * k + j];
       TORCH_CHECK(e >= 0 && e < E, op, ": experts[", t, ", ", j, "] = ", e,
                   " is out of range [0, E=", E, ")");
-      ++counts[e];
+      ++c.assignments[s * E + e];
     }
   }
-  *valid_tokens = valid;
-  return counts;
+  for (int64_t n : c.valid) c.counted += n > 0;
+  return c;
+}
+
+// d loss / d scores[t, e] for a valid token t of sequence s, per unit of
+// upstream gradient: E * f_se / (N_s * sequences counted), P's gradient.
+template <typename acc_t>
+acc_t score_gradient(const SequenceCounts& c, int64_t s, int64_t e, int64_t E, int64_t k) {
+  const acc_t n = static_cast<acc_t>(c.valid[s]);
+  const acc_t f = static_cast<acc_t>(c.assignments[s * E + e]) / (n * static_cast<acc_t>(k));
+  return static_cast<acc_t>(E) * f / n / static_cast<acc_t>(c.counted);
 }
 
 template <typename acc_t>
 at::Tensor load_balancing_kernel(const at::Tensor& scores, const at::Tensor& experts,
-                                 const bool* mask) {
+                                 const bool* mask, std::optional<int64_t> seq_len) {
   constexpr const char* op = "moe_routing::load_balancing_loss";
   const int64_t T = scores.size(0), E = scores.size(1), k = experts.size(1);
-  int64_t N = 0;
-  const std::vector<int64_t> counts = count_assignments(op, experts, E, mask, &N);
-  // partial[c * E + e] = sum of scores[t, e] over the valid tokens of chunk c.
-  const int64_t chunks = num_chunks(T);
-  std::vector<acc_t> partial(chunks * E, acc_t(0));
-  const acc_t* s = scores.const_data_ptr<acc_t>();
-  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      acc_t* p = partial.data() + c * E;
-      for (int64_t t = c * kReduceChunk; t < std::min(T, (c + 1) * kReduceChunk); ++t) {
-        if (is_valid(mask, t)) axpy(p, acc_t(1), s + t * E, E);
+  const SequenceCounts c = count_assignments(op, experts, E, mask, seq_len);
+  // partial[(s * blocks + b) * E + e] = sum of scores[t, e] over the valid
+  // tokens of block b of sequence s: fixed blocks, so a fixed summation order.
+  const int64_t blocks = num_chunks(c.seq_len);
+  std::vector<acc_t> partial(c.sequences * blocks * E, acc_t(0));
+  const acc_t* sc = scores.const_data_ptr<acc_t>();
+  at::parallel_for(0, c.sequences * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t s = i / blocks, b = i % blocks;
+      const int64_t first = s * c.seq_len + b * kReduceChunk;
+      const int64_t last = std::min({T, (s + 1) * c.seq_len, first + kReduceChunk});
+      for (int64_t t = first; t < last; ++t) {
+        if (is_valid(mask, t)) axpy(partial.data() + i * E, acc_t(1), sc + t * E, E);
       }
     }
   });
+  // loss = mean over counted sequences of E * sum_e f_se * P_se = sum_e grad_se * score_sum_se.
   acc_t loss = 0;
-  if (N > 0) {
+  for (int64_t s = 0; s < c.sequences; ++s) {
+    if (c.valid[s] == 0) continue;
     for (int64_t e = 0; e < E; ++e) {
       acc_t score_sum = 0;
-      for (int64_t c = 0; c < chunks; ++c) score_sum += partial[c * E + e];
-      const acc_t f = static_cast<acc_t>(counts[e]) / static_cast<acc_t>(N * k);
-      loss += f * (score_sum / static_cast<acc_t>(N));
+      for (int64_t b = 0; b < blocks; ++b) score_sum += partial[(s * blocks + b) * E + e];
+      loss += score_gradient<acc_t>(c, s, e, E, k) * score_sum;
     }
-    loss *= static_cast<acc_t>(E);
   }
   return at::scalar_tensor(loss, scores.options());
 }
 
 at::Tensor load_balancing_loss_cpu(const at::Tensor& scores_in, const at::Tensor& experts_in,
-                                   const std::optional<at::Tensor>& mask) {
-  detail::check_load_balancing_args(scores_in, experts_in, mask);
+                                   const std::optional<at::Tensor>& mask,
+                                   std::optional<int64_t> seq_len) {
+  detail::check_load_balancing_args(scores_in, experts_in, mask, detail::to_symint(seq_len));
   const at::Tensor scores = scores_in.contiguous(), experts = experts_in.contiguous();
   at::Tensor mask_holder;
   const bool* m = mask_data(mask, mask_holder);
-  return AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "moe_routing::load_balancing_loss",
-                                    [&] { return load_balancing_kernel<scalar_t>(scores, experts, m); });
+  return AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "moe_routing::load_balancing_loss", [&] {
+    return load_balancing_kernel<scalar_t>(scores, experts, m, seq_len);
+  });
 }
 
-// d loss / d scores[t, e] = grad * E * f_e / N for valid t: P_e's gradient.
 at::Tensor load_balancing_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& scores_in,
                                             const at::Tensor& experts_in,
-                                            const std::optional<at::Tensor>& mask) {
+                                            const std::optional<at::Tensor>& mask,
+                                            std::optional<int64_t> seq_len) {
   constexpr const char* op = "moe_routing::load_balancing_loss_backward";
-  detail::check_load_balancing_args(scores_in, experts_in, mask);
+  detail::check_load_balancing_args(scores_in, experts_in, mask, detail::to_symint(seq_len));
   TORCH_CHECK(grad.dim() == 0, op, ": grad must be a scalar, got shape ", grad.sizes());
   const at::Tensor scores = scores_in.contiguous(), experts = experts_in.contiguous();
   at::Tensor mask_holder;
   const bool* m = mask_data(mask, mask_holder);
   const int64_t T = scores.size(0), E = scores.size(1), k = experts.size(1);
-  at::Tensor grad_scores = at::empty({T, E}, scores.options());
+  at::Tensor grad_scores = at::zeros({T, E}, scores.options());
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), op, [&] {
     using acc_t = scalar_t;
-    int64_t N = 0;
-    const std::vector<int64_t> counts = count_assignments(op, experts, E, m, &N);
+    const SequenceCounts c = count_assignments(op, experts, E, m, seq_len);
     const acc_t g = grad.item<acc_t>();
-    std::vector<acc_t> row(E, acc_t(0));
-    if (N > 0) {
-      for (int64_t e = 0; e < E; ++e) {
-        row[e] = g * static_cast<acc_t>(E) * static_cast<acc_t>(counts[e]) /
-                 static_cast<acc_t>(N * k) / static_cast<acc_t>(N);
-      }
+    // Every valid token of a sequence gets the same row.
+    std::vector<acc_t> rows(c.sequences * E, acc_t(0));
+    for (int64_t s = 0; s < c.sequences; ++s) {
+      if (c.valid[s] == 0) continue;
+      for (int64_t e = 0; e < E; ++e) rows[s * E + e] = g * score_gradient<acc_t>(c, s, e, E, k);
     }
     acc_t* out = grad_scores.mutable_data_ptr<acc_t>();
     at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        if (is_valid(m, t)) {
-          std::copy(row.begin(), row.end(), out + t * E);
-        } else {
-          std::fill(out + t * E, out + (t + 1) * E, acc_t(0));
-        }
+        if (!is_valid(m, t)) continue;
+        const acc_t* row = rows.data() + (t / c.seq_len) * E;
+        std::copy(row, row + E, out + t * E);
       }
     });
   });
