@@ -121,6 +121,9 @@ void check_plan_args(const at::Tensor& experts, int64_t num_experts,
                 ": weights must have the shape of experts ", experts.sym_sizes(), ", got ",
                 weights->sym_sizes());
   }
+  const bool by_weight = priority == Priority::Score || priority == Priority::Batch;
+  TORCH_CHECK(weights.has_value() || !by_weight, op, ": priority \"",
+              priority == Priority::Score ? "score" : "batch", "\" needs weights");
   check_mask(op, mask, experts);
 }
 

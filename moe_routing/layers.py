@@ -114,14 +114,19 @@ class Experts(nn.Module):
     def forward(self, buffer: torch.Tensor) -> torch.Tensor:
         """buffer: [E, C, d_model] -> [E, C, d_model]."""
         h = torch.bmm(buffer, self.w_in.to(buffer.dtype))
+        return torch.bmm(self._activate(h), self.w_out.to(buffer.dtype))
+
+    def forward_packed(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Dropless: rows [R, d_model] packed by expert (``counts`` [E] rows
+        each, as plan(capacity=None) lays them out) -> [R, d_model]."""
+        h = ops.grouped_mm(rows, self.w_in.to(rows.dtype), counts)
+        return ops.grouped_mm(self._activate(h), self.w_out.to(rows.dtype), counts)
+
+    def _activate(self, h: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        elif self.activation == "gelu":
-            h = F.gelu(h)
-        else:
-            h = F.relu(h)
-        return torch.bmm(h, self.w_out.to(buffer.dtype))
+            return F.silu(gate) * up
+        return F.gelu(h) if self.activation == "gelu" else F.relu(h)
 
 
 class MoE(nn.Module):
@@ -137,9 +142,21 @@ class MoE(nn.Module):
       * ``stats``: dict of detached tensors: ``load`` [E], ``kept`` [E],
         ``dropped_fraction``, ``router_entropy`` (mean over valid tokens, nats),
         ``max_over_mean_load``.
-    Capacity is ``capacity(T, E, k, capacity_factor, min_capacity)`` in training
-    and uses ``eval_capacity_factor`` (default: capacity_factor) in eval.
-    ``router_options`` go to :class:`Router` (score, normalize, jitter, ...).
+
+    Routing:
+      * ``routing="tokens"`` (default): each token picks its top-k experts.
+        Capacity is ``capacity(T, E, k, capacity_factor, min_capacity)`` in
+        training and uses ``eval_capacity_factor`` (default: capacity_factor)
+        in eval; ``priority`` decides who is dropped (see :func:`plan`).
+        ``capacity_factor=None`` is dropless: nothing is dropped, the experts
+        run on the packed [T*k, d_model] layout with :func:`grouped_mm`.
+      * ``routing="experts"``: Expert Choice (Zhou et al. 2022): each expert
+        takes its top-C tokens by softmax score, C = capacity(T, E, k,
+        capacity_factor, min_capacity); no load-balancing loss is needed (the
+        z-loss still applies); ``load``/``kept`` count each expert's tokens and
+        ``dropped_fraction`` is the share of valid tokens no expert took.
+    ``router_options`` go to :class:`Router` (score, normalize, jitter, noise,
+    bias_update_rate, num_groups, ...).
     """
 
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int = 1, *,
@@ -149,17 +166,20 @@ class MoE(nn.Module):
                  z_loss_weight: float = 0.001, routing: str = "tokens",
                  activation: str = "gelu", **router_options):
         super().__init__()
-        if routing != "tokens":
-            raise NotImplementedError(
-                f"MoE: routing={routing!r} is not implemented yet; only 'tokens' is")
-        if capacity_factor is None:
-            raise NotImplementedError(
-                "MoE: dropless experts (capacity_factor=None) are not implemented yet")
-        if capacity_factor <= 0 or (eval_capacity_factor is not None and eval_capacity_factor <= 0):
-            raise ValueError("MoE: capacity factors must be > 0")
-        if priority not in ("choice", "token"):
-            raise ValueError(f"MoE: priority must be 'choice' or 'token', got {priority!r}")
-        self.num_experts, self.k = num_experts, k
+        if routing not in ("tokens", "experts"):
+            raise ValueError(f"MoE: routing must be 'tokens' or 'experts', got {routing!r}")
+        if routing == "experts" and capacity_factor is None:
+            raise ValueError("MoE: routing='experts' needs a capacity_factor")
+        if routing == "experts" and router_options.get("bias_update_rate", 0.0) > 0:
+            raise ValueError("MoE: routing='experts' balances by construction; "
+                             "bias_update_rate must be 0")
+        for factor in (capacity_factor, eval_capacity_factor):
+            if factor is not None and factor <= 0:
+                raise ValueError("MoE: capacity factors must be > 0")
+        if priority not in ("choice", "token", "score", "batch"):
+            raise ValueError(
+                f"MoE: priority must be 'choice', 'token', 'score' or 'batch', got {priority!r}")
+        self.num_experts, self.k, self.routing = num_experts, k, routing
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.min_capacity, self.priority = min_capacity, priority
         self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
@@ -172,26 +192,51 @@ class MoE(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         valid = None if mask is None else mask.reshape(-1)
-        E, k = self.num_experts, self.k
-
         r = self.router(tokens, valid)
         factor = self.capacity_factor
         if not self.training and self.eval_capacity_factor is not None:
             factor = self.eval_capacity_factor
-        C = ops.capacity(tokens.shape[0], E, k, factor, self.min_capacity)
-        p = ops.plan(r.experts, E, C, weights=r.weights, priority=self.priority, mask=valid)
-        buffer = ops.dispatch(tokens, p.slots, E * C).view(E, C, shape[-1])
-        out = self.experts(buffer).view(E * C, shape[-1])
-        y = ops.combine(out, p.slots, r.weights)
-
-        self.aux_loss = (self.aux_loss_weight * ops.load_balancing_loss(r.scores, r.experts, mask=valid)
+        if self.routing == "experts":
+            y, load, kept, dropped = self._expert_choice(tokens, r.scores, factor, valid)
+            balance = torch.zeros((), device=x.device)
+        else:
+            y, load, kept, dropped = self._token_choice(tokens, r, factor, valid)
+            balance = ops.load_balancing_loss(r.scores, r.experts, mask=valid)
+        self.aux_loss = (self.aux_loss_weight * balance
                          + self.z_loss_weight * ops.z_loss(r.logits, mask=valid))
-        self.stats = routing_stats(r.scores.detach(), p.load, p.kept, valid)
+        self.stats = routing_stats(r.scores.detach(), load, kept, dropped, valid)
         return y.view(shape)
+
+    def _token_choice(self, tokens, r: RouterOutput, factor, valid):
+        E, k, H = self.num_experts, self.k, tokens.shape[-1]
+        if factor is None:  # dropless: the packed layout and grouped matrix products
+            p = ops.plan(r.experts, E, None, weights=r.weights, priority=self.priority, mask=valid)
+            out = self.experts.forward_packed(ops.dispatch(tokens, p.slots, tokens.shape[0] * k), p.kept)
+        else:
+            C = ops.capacity(tokens.shape[0], E, k, factor, self.min_capacity)
+            p = ops.plan(r.experts, E, C, weights=r.weights, priority=self.priority, mask=valid)
+            buffer = ops.dispatch(tokens, p.slots, E * C).view(E, C, H)
+            out = self.experts(buffer).view(E * C, H)
+        y = ops.combine(out, p.slots, r.weights)
+        dropped = 1.0 - p.kept.sum() / p.load.sum().clamp_min(1)
+        return y, p.load, p.kept, dropped
+
+    def _expert_choice(self, tokens, scores, factor, valid):
+        T, E, H = tokens.shape[0], self.num_experts, tokens.shape[-1]
+        C = ops.capacity(T, E, self.k, factor, self.min_capacity)
+        choice = ops.expert_choice(scores, C, mask=valid)
+        slots, weights = ops.expert_choice_slots(choice, T)
+        buffer = ops.dispatch(tokens, slots, E * C).view(E, C, H)
+        y = ops.combine(self.experts(buffer).view(E * C, H), slots, weights)
+        kept = (choice.tokens >= 0).sum(1)
+        taken = (slots >= 0).any(1)
+        valid = torch.ones_like(taken) if valid is None else valid
+        untaken = (valid & ~taken).sum() / valid.sum().clamp_min(1)
+        return y, kept, kept, untaken
 
 
 def routing_stats(scores: torch.Tensor, load: torch.Tensor, kept: torch.Tensor,
-                  mask: Optional[torch.Tensor]) -> dict:
+                  dropped_fraction: torch.Tensor, mask: Optional[torch.Tensor]) -> dict:
     """Expert-balance statistics as tensors (no host synchronisation)."""
     load_f = load.float()
     p = scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)
@@ -203,7 +248,7 @@ def routing_stats(scores: torch.Tensor, load: torch.Tensor, kept: torch.Tensor,
     return {
         "load": load,
         "kept": kept,
-        "dropped_fraction": 1.0 - kept.sum() / load.sum().clamp_min(1),
+        "dropped_fraction": dropped_fraction.detach(),
         "router_entropy": mean_entropy.float(),
         "max_over_mean_load": load_f.max() / load_f.mean().clamp_min(1e-30),
     }

@@ -39,10 +39,12 @@ CASES = [
     ("plan", lambda: mr.plan(experts(), E, -1), r"plan: capacity must be >= 0"),
     ("plan", lambda: mr.plan(experts(), 3, 2), r"plan: experts\[\d, \d\] = 3 is out of range \[0, num_experts=3\)"),
     ("plan", lambda: mr.plan(experts() - 1, E, 2), r"plan: experts\[0, 0\] = -1 is out of range"),
-    ("plan", lambda: mr.plan(experts(), E, 2, priority="random"), r"plan: priority must be \"choice\" or \"token\""),
+    ("plan", lambda: mr.plan(experts(), E, 2, priority="random"), r"plan: priority must be \"choice\", \"token\", \"score\" or \"batch\", got \"random\""),
     ("plan", lambda: mr.plan(experts(), E, 2, mask=torch.ones(T + 1, dtype=torch.bool)), r"plan: mask must have T=6 entries, got 7"),
     ("plan", lambda: mr.plan(experts(), E, 2, mask=torch.ones(T)), r"plan: mask must be Bool"),
     ("plan", lambda: mr.plan(experts(), E, 2, weights=torch.ones(T, 1)), r"plan: weights must have the shape of experts"),
+    ("plan", lambda: mr.plan(experts(), E, 2, priority="score"), r"plan: priority \"score\" needs weights"),
+    ("plan", lambda: mr.plan(experts(), E, 2, priority="batch"), r"plan: priority \"batch\" needs weights"),
     # capacity
     ("capacity", lambda: mr.capacity(-1, E, k, 1.0), r"capacity: num_tokens must be >= 0, got -1"),
     ("capacity", lambda: mr.capacity(T, E, 5, 1.0), r"capacity: k must be in \[1, num_experts=4\], got 5"),
@@ -66,7 +68,19 @@ CASES = [
     ("load_balancing_loss", lambda: mr.load_balancing_loss(torch.rand(T, E).half(), experts()), r"load_balancing_loss: scores must be float32 or float64"),
     ("load_balancing_loss", lambda: mr.load_balancing_loss(torch.rand(T, E), experts()[:3]), r"load_balancing_loss: experts must have T=6 rows like scores, got 3"),
     ("load_balancing_loss", lambda: mr.load_balancing_loss(torch.rand(T, E), experts(), mask=torch.ones(2, 3, dtype=torch.bool)), r"load_balancing_loss: mask must be 1-D \[T\]"),
+    ("load_balancing_loss", lambda: mr.load_balancing_loss(torch.rand(T, E), experts(), seq_len=4), r"load_balancing_loss: seq_len must be >= 1 and divide T=6, got 4"),
     ("z_loss", lambda: mr.z_loss(torch.randn(T)), r"z_loss: logits must be 2-D \[T, E\]"),
+    # expert_choice
+    ("expert_choice", lambda: mr.expert_choice(torch.rand(T, E), -1), r"expert_choice: capacity must be >= 0, got -1"),
+    ("expert_choice", lambda: mr.expert_choice(torch.rand(T, E).half(), 2), r"expert_choice: scores must be float32 or float64"),
+    ("expert_choice", lambda: mr.expert_choice(torch.rand(T), 2), r"expert_choice: scores must be 2-D \[T, E\]"),
+    ("expert_choice", lambda: mr.expert_choice(torch.rand(T, E), 2, mask=torch.ones(T)), r"expert_choice: mask must be Bool"),
+    # grouped_mm
+    ("grouped_mm", lambda: mr.grouped_mm(torch.randn(5, 3), torch.randn(2, 3, 4), torch.tensor([3, 3])), r"grouped_mm: counts sum to 6 rows, but x has only 5"),
+    ("grouped_mm", lambda: mr.grouped_mm(torch.randn(5, 3), torch.randn(2, 3, 4), torch.tensor([3, -1])), r"grouped_mm: counts must be >= 0, got counts\[1\] = -1"),
+    ("grouped_mm", lambda: mr.grouped_mm(torch.randn(5, 3), torch.randn(2, 4, 4), torch.tensor([1, 1])), r"grouped_mm: weight must be \[E, H=3, F\]"),
+    ("grouped_mm", lambda: mr.grouped_mm(torch.randn(5, 3), torch.randn(2, 3, 4).double(), torch.tensor([1, 1])), r"grouped_mm: weight must be Float"),
+    ("grouped_mm", lambda: mr.grouped_mm(torch.randn(5, 3), torch.randn(2, 3, 4), torch.tensor([1, 1, 1])), r"grouped_mm: counts must have E=2 entries, got 3"),
     ("z_loss", lambda: mr.z_loss(logits(), mask=torch.ones(T - 1, dtype=torch.bool)), r"z_loss: mask must have T=6 entries, got 5"),
 ]
 
@@ -117,6 +131,8 @@ def test_router_rejects_bad_options(bad):
 
 
 def test_moe_rejects_bad_options():
+    with pytest.raises(ValueError, match="MoE: routing must be .tokens. or .experts."):
+        mr.MoE(8, 16, 4, routing="hash")
     with pytest.raises(ValueError, match="MoE: priority must be"):
         mr.MoE(8, 16, 4, priority="fastest")
     with pytest.raises(ValueError, match="Experts: activation must be"):

@@ -60,6 +60,63 @@ def test_hugging_face_mixtral_loss_is_k_times_ours():
     torch.testing.assert_close(hf, k * mr.load_balancing_loss(scores, experts))
 
 
+def test_megatron_core_switch_loss_equals_ours():
+    # Megatron-Core's switch_load_balancing_loss_func with coefficient 1:
+    # sum_e (sum_t probs[t, e]) * tokens_per_expert[e] * E / (T * T * k).
+    T, E, k = 300, 16, 4
+    _, experts, scores = mr.route(torch.randn(T, E, dtype=torch.float64), k)
+    tokens_per_expert = torch.bincount(experts.flatten(), minlength=E).to(torch.float64)
+    megatron = torch.sum(scores.sum(0) * tokens_per_expert) * E / (T * T * k)
+    torch.testing.assert_close(megatron, mr.load_balancing_loss(scores, experts))
+
+
+def test_deepspeed_loss_counts_first_choices_only():
+    # DeepSpeed's top2gating: l_aux = mean(me * ce) * E * E with me = mean gates,
+    # ce = mean one-hot of the FIRST choice only.
+    T, E = 256, 8
+    _, experts, scores = mr.route(torch.randn(T, E, dtype=torch.float64), 2)
+    me = scores.mean(0)
+    ce = torch.nn.functional.one_hot(experts[:, 0], E).to(torch.float64).mean(0)
+    deepspeed = torch.mean(me * ce) * E * E
+    torch.testing.assert_close(deepspeed, mr.load_balancing_loss(scores, experts[:, :1]))
+
+
+def test_sequence_wise_loss_is_the_mean_of_per_sequence_losses():
+    # DeepSeek-V3: f and P per sequence, averaged over sequences; a sequence of
+    # padding only is left out of the mean.
+    S, L, E, k = 4, 25, 8, 2
+    logits = torch.randn(S * L, E, dtype=torch.float64)
+    _, experts, scores = mr.route(logits, k, score="sigmoid")
+    affinity = scores / scores.sum(-1, keepdim=True)  # DeepSeek-V3's normalised s'
+    mask = random_mask(S * L, seed=3)
+    mask[2 * L:3 * L] = False
+    per_sequence = [mr.load_balancing_loss(affinity[s * L:(s + 1) * L], experts[s * L:(s + 1) * L],
+                                           mask=mask[s * L:(s + 1) * L]) for s in (0, 1, 3)]
+    got = mr.load_balancing_loss(affinity, experts, mask=mask, seq_len=L)
+    torch.testing.assert_close(got, torch.stack(per_sequence).mean())
+    torch.testing.assert_close(got, ref.load_balancing_loss(affinity, experts, mask=mask, seq_len=L))
+    # DeepSeek-V3's own notation for one sequence: f_i = E / (k T) * count_i,
+    # P_i = mean of s'_i, loss = sum_i f_i P_i.
+    seq = slice(0, L)
+    valid = mask[seq]
+    count = torch.bincount(experts[seq][valid].flatten(), minlength=E).to(torch.float64)
+    f = E / (k * valid.sum()) * count
+    P = affinity[seq][valid].mean(0)
+    torch.testing.assert_close(per_sequence[0], (f * P).sum())
+
+
+@pytest.mark.parametrize("seq_len", [5, 15, 30])
+def test_sequence_wise_gradcheck_and_opcheck(seq_len):
+    T, E = 30, 6
+    _, experts, scores = mr.route(torch.randn(T, E, dtype=torch.float64), 2)
+    scores = scores.requires_grad_()
+    mask = random_mask(T, seed=seq_len)
+    assert torch.autograd.gradcheck(
+        lambda s: mr.load_balancing_loss(s, experts, mask=mask, seq_len=seq_len), (scores,))
+    torch.library.opcheck(torch.ops.moe_routing.load_balancing_loss, (scores, experts),
+                          dict(mask=mask, seq_len=seq_len))
+
+
 def test_z_loss_matches_reference_and_formula():
     for dtype in FLOAT_DTYPES:
         for logits, _, _, mask in sample_inputs(dtype):

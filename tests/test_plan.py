@@ -11,17 +11,20 @@ from moe_routing import reference as ref
 from conftest import random_experts, random_mask
 
 SHAPES = [(0, 4, 2), (1, 1, 1), (1, 8, 8), (37, 8, 2), (1000, 64, 6), (3000, 256, 8), (5000, 8, 1)]
-PRIORITIES = ["choice", "token"]
+PRIORITIES = ["choice", "token", "score", "batch"]
 
 
 def sample_inputs():
     """(experts, E, capacity, kwargs) over shapes, capacities, priorities and masks."""
     for i, (T, E, k) in enumerate(SHAPES):
         experts = random_experts(T, E, k, seed=i)
+        # Quantised weights, so that "score" and "batch" meet ties.
+        weights = (torch.rand(T, k) * 8).round() / 8
         cap = mr.capacity(T, E, k, 1.0)
         for capacity, priority in itertools.product([None, 0, 1, cap], PRIORITIES):
-            yield experts, E, capacity, dict(priority=priority)
-            yield experts, E, capacity, dict(priority=priority, mask=random_mask(T, seed=i))
+            kw = dict(priority=priority, weights=weights)
+            yield experts, E, capacity, kw
+            yield experts, E, capacity, dict(kw, mask=random_mask(T, seed=i))
 
 
 def test_matches_reference():
@@ -35,9 +38,10 @@ def test_matches_reference():
 def test_repeated_experts_in_a_token_and_noncontiguous_input():
     experts = random_experts(200, 5, 4, distinct=False).t().contiguous().t()  # column-major
     assert not experts.is_contiguous()
+    weights = torch.rand(200, 4).t().contiguous().t()
     for priority in PRIORITIES:
-        out = mr.plan(experts, 5, 30, priority=priority)
-        expected = ref.plan(experts, 5, 30, priority=priority)
+        out = mr.plan(experts, 5, 30, priority=priority, weights=weights)
+        expected = ref.plan(experts, 5, 30, priority=priority, weights=weights)
         assert all(torch.equal(a, b) for a, b in zip(out, expected))
 
 
@@ -49,6 +53,33 @@ def test_choice_and_token_priority_drop_different_assignments():
     assert mr.plan(experts, 2, 1, priority="choice").slots.tolist() == [[0, -1], [1, -1]]
     # token: t0 takes both rows, t1 gets nothing.
     assert mr.plan(experts, 2, 1, priority="token").slots.tolist() == [[0, 1], [-1, -1]]
+
+
+def test_score_priority_keeps_the_heaviest_not_the_first():
+    # Expert 0: t0's first choice (weight .3) and t1's second choice (weight .6).
+    experts = torch.tensor([[0, 1], [2, 0]])
+    weights = torch.tensor([[0.3, 0.2], [0.4, 0.6]])
+    assert mr.plan(experts, 3, 1, weights=weights, priority="choice").slots.tolist() == [[0, 1], [2, -1]]
+    assert mr.plan(experts, 3, 1, weights=weights, priority="score").slots.tolist() == [[-1, 1], [2, 0]]
+
+
+def test_score_priority_ties_and_row_order_follow_choice_order():
+    # Four tokens to expert 0 with weights (.5, .9, .5, .9); C = 3 keeps both .9 and
+    # the earlier .5 (t0), and rows follow choice (token) order: t0, t1, t3.
+    experts = torch.zeros(4, 1, dtype=torch.long)
+    weights = torch.tensor([[0.5], [0.9], [0.5], [0.9]])
+    slots = mr.plan(experts, 1, 3, weights=weights, priority="score").slots
+    assert slots.flatten().tolist() == [0, 1, -1, 2]
+
+
+def test_batch_priority_serves_confident_tokens_first():
+    # Both tokens pick expert 0 first; t1 is more confident (.9 > .4).
+    experts = torch.tensor([[0, 1], [0, 2]])
+    weights = torch.tensor([[0.4, 0.35], [0.9, 0.05]])
+    assert mr.plan(experts, 3, 1, weights=weights, priority="choice").slots.tolist() == [[0, 1], [-1, 2]]
+    assert mr.plan(experts, 3, 1, weights=weights, priority="batch").slots.tolist() == [[-1, 1], [0, 2]]
+    # Rows inside an expert follow the sorted order too (dropless makes it visible).
+    assert mr.plan(experts, 3, None, weights=weights, priority="batch").slots.tolist() == [[1, 2], [0, 3]]
 
 
 def test_capacity_drops_counted_by_hand():
@@ -83,7 +114,7 @@ def test_layout_invariants(priority):
     T, E, k, C = 4000, 16, 4, 700
     experts = random_experts(T, E, k, seed=7)
     mask = random_mask(T, seed=7)
-    slots, load, kept = mr.plan(experts, E, C, priority=priority, mask=mask)
+    slots, load, kept = mr.plan(experts, E, C, priority=priority, mask=mask, weights=torch.rand(T, k))
     used = slots[slots >= 0]
     assert used.unique().numel() == used.numel()  # every row at most once
     assert torch.equal(torch.bincount(used // C, minlength=E), kept)
@@ -127,6 +158,5 @@ def test_capacity_uses_exact_fractions():
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(requires_grad):
     for experts, E, capacity, kw in list(sample_inputs())[::5]:
-        weights = torch.rand(experts.shape, requires_grad=requires_grad)
-        torch.library.opcheck(torch.ops.moe_routing.plan, (experts, E, capacity),
-                              dict(kw, weights=weights))
+        kw = dict(kw, weights=kw["weights"].clone().requires_grad_(requires_grad))
+        torch.library.opcheck(torch.ops.moe_routing.plan, (experts, E, capacity), kw)

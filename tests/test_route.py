@@ -13,12 +13,14 @@ SHAPES = [(0, 4, 1), (1, 1, 1), (1, 8, 8), (37, 8, 2), (64, 256, 8), (128, 64, 6
 
 
 def sample_inputs(dtype=torch.float32):
-    """(logits, k, kwargs) covering shapes, scores, normalisation, bias and scale."""
+    """(logits, k, kwargs) covering shapes, scores, normalisation, bias, scale and groups."""
     for (T, E, k), score in itertools.product(SHAPES, ["softmax", "sigmoid"]):
         logits = (torch.randn(T, E) * 2).to(dtype)
         yield logits, k, dict(score=score)
         yield noncontiguous(logits), k, dict(score=score, normalize=True, scale=2.5)
         yield logits, k, dict(score=score, normalize=False, bias=torch.randn(E) * 0.1)
+        if E % 4 == 0 and k <= E // 2:
+            yield logits, k, dict(score=score, bias=torch.randn(E) * 0.1, num_groups=4, topk_groups=2)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -103,6 +105,34 @@ def test_group_masking_is_minus_inf_not_zero():
     bias = torch.tensor([-2.0, -3.0, 5.0, -9.0])
     out = mr.route(logits, 2, score="sigmoid", bias=bias, num_groups=2, topk_groups=1)
     assert out.experts.tolist() == [[2, 3]]
+
+
+def deepseek_v3_gate(logits, bias, k, n_group, topk_group, route_scale):
+    """DeepSeek-V3's published routing, written from the paper (section 2.1.2
+    and 2.1.3): sigmoid affinities; bias for selection only; group score = sum
+    of the group's top-2 biased affinities; experts outside the top groups are
+    excluded; gates = unbiased affinities of the selected experts, normalised,
+    times the routing scale."""
+    T, E = logits.shape
+    s = torch.sigmoid(logits)
+    biased = s + bias
+    group_scores = biased.view(T, n_group, -1).topk(2, dim=-1).values.sum(-1)
+    best_groups = group_scores.topk(topk_group, dim=-1).indices
+    allowed = torch.zeros(T, n_group, dtype=torch.bool).scatter_(1, best_groups, True)
+    allowed = allowed[:, :, None].expand(T, n_group, E // n_group).reshape(T, E)
+    chosen = biased.masked_fill(~allowed, float("-inf")).topk(k, dim=-1).indices
+    gates = s.gather(1, chosen)
+    return gates / gates.sum(-1, keepdim=True) * route_scale, chosen
+
+
+def test_matches_deepseek_v3_routing():
+    # V3's configuration, scaled down: 64 experts in 8 groups, top-4 groups, k = 6.
+    logits = separated_logits(200, 64, seed=11)
+    bias = torch.randn(64, dtype=torch.float64) * 0.1
+    gates, chosen = deepseek_v3_gate(logits, bias, 6, 8, 4, 2.5)
+    out = mr.route(logits, 6, score="sigmoid", bias=bias, num_groups=8, topk_groups=4, scale=2.5)
+    assert torch.equal(out.experts, chosen)  # both descending by biased affinity
+    torch.testing.assert_close(out.weights, gates)
 
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
