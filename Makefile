@@ -10,7 +10,7 @@ export PATH := /usr/lib/ccache:$(PATH)
 export MAX_JOBS ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all deps install test test-python test-cpp demo bench clean
+.PHONY: all deps install test test-python test-cpp demo bench bench-smoke clean
 
 all: install
 
@@ -46,7 +46,10 @@ demo: install
 	$(PYTHON) examples/train_lm.py
 
 bench: install
-	$(PYTHON) benchmarks/bench_cpu.py
+	$(PYTHON) benchmarks/bench.py
+
+bench-smoke: install
+	$(PYTHON) benchmarks/bench.py --smoke --out build/bench-smoke.md
 
 clean:
 	rm -rf build $(BUILD_CPP) demo_out moe_routing/*.so *.egg-info

@@ -57,15 +57,22 @@ void gather_sum(const char* op, const scalar_t* rows, int64_t num_rows, const in
       } else {
         a = acc.data();
       }
-      std::fill(a, a + H, acc_t(0));
+      // The first kept row is written, later ones added: no zero pass.
+      bool first = true;
       for (int64_t j = 0; j < k; ++j) {
         const int64_t r = slots[t * k + j];
         if (r == -1) continue;
         TORCH_CHECK(r >= 0 && r < num_rows, op, ": slots must be -1 (dropped) or in [0, num_rows=",
                     num_rows, "), got ", r);
         const acc_t w = weights ? static_cast<acc_t>(weights[t * k + j]) : acc_t(1);
-        axpy(a, w, rows + r * H, H);
+        if (first) {
+          scale_into(a, w, rows + r * H, H);
+          first = false;
+        } else {
+          axpy(a, w, rows + r * H, H);
+        }
       }
+      if (first) std::fill(a, a + H, acc_t(0));  // every choice dropped
       if constexpr (!in_place) scale_into(out + t * H, acc_t(1), a, H);
     }
   });

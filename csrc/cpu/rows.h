@@ -59,6 +59,13 @@ inline void scale_into(scalar_t* out, acc_t a, const src_t* x, int64_t n) {
       auto [lo, hi] = at::vec::convert_to_float<scalar_t>(rVec::loadu(x + h));
       at::vec::convert_from_float<scalar_t>(lo * va, hi * va).store(out + h);
     }
+  } else if constexpr (std::is_same_v<scalar_t, acc_t> && is_reduced_v<src_t>) {  // widen
+    using rVec = at::vec::Vectorized<src_t>;
+    for (; h + rVec::size() <= n; h += rVec::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<src_t>(rVec::loadu(x + h));
+      (lo * va).store(out + h);
+      (hi * va).store(out + h + fVec::size());
+    }
   } else if constexpr (std::is_same_v<scalar_t, acc_t> && std::is_same_v<src_t, acc_t>) {
     for (; h + fVec::size() <= n; h += fVec::size()) {
       (fVec::loadu(x + h) * va).store(out + h);

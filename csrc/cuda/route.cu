@@ -1,0 +1,311 @@
+// route on CUDA: a group of `width` lanes per token (8 or 16 for small E, a
+// warp up to E = 1024) holds the token's E logits in registers, computes the
+// scores with butterfly reductions, masks groups, picks the top k by k rounds
+// of in-register argmax (lower index wins ties) and writes weights, experts
+// and scores in one pass. The backward is one pass of the same shape.
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../moe_routing.h"
+#include "common.cuh"
+
+namespace moe_routing::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxGroups = 32;
+
+struct Best {
+  float dummy;
+};
+
+// (value, index) argmax over a lane group: larger value, then lower index.
+template <int width, typename acc_t>
+__device__ __forceinline__ void group_argmax(acc_t& value, int& index, acc_t& payload) {
+#pragma unroll
+  for (int offset = width / 2; offset > 0; offset /= 2) {
+    const acc_t v = __shfl_xor_sync(0xffffffffu, value, offset, width);
+    const int i = __shfl_xor_sync(0xffffffffu, index, offset, width);
+    const acc_t p = __shfl_xor_sync(0xffffffffu, payload, offset, width);
+    if (v > value || (v == value && i < index)) {
+      value = v;
+      index = i;
+      payload = p;
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, int width, int vpt>
+__global__ void __launch_bounds__(kThreads) route_kernel(
+    const scalar_t* __restrict__ logits, const acc_t* __restrict__ bias, int64_t T, int E, int k,
+    bool sigmoid, bool normalize, int num_groups, int topk_groups, acc_t scale,
+    acc_t* __restrict__ weights, int64_t* __restrict__ experts, acc_t* __restrict__ scores) {
+  __shared__ acc_t group_scores[kThreads / width][kMaxGroups];
+  const int lane = threadIdx.x % width, slot = threadIdx.x / width;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * (kThreads / width) + slot;
+  const bool live = t < T;  // dead groups still join the shuffles
+  const acc_t neg_inf = -INFINITY;
+
+  acc_t s[vpt];
+#pragma unroll
+  for (int i = 0; i < vpt; ++i) {
+    const int e = lane + width * i;
+    s[i] = (live && e < E) ? static_cast<acc_t>(logits[t * E + e]) : neg_inf;
+  }
+  if (sigmoid) {
+#pragma unroll
+    for (int i = 0; i < vpt; ++i) s[i] = acc_t(1) / (acc_t(1) + exp_(-s[i]));
+  } else {
+    acc_t m = neg_inf;
+#pragma unroll
+    for (int i = 0; i < vpt; ++i) m = max(m, s[i]);
+    m = group_max<width>(m);
+    acc_t sum = 0;
+#pragma unroll
+    for (int i = 0; i < vpt; ++i) {
+      s[i] = (lane + width * i < E && live) ? exp_(s[i] - m) : acc_t(0);
+      sum += s[i];
+    }
+    sum = group_sum<width>(sum);
+#pragma unroll
+    for (int i = 0; i < vpt; ++i) s[i] /= sum;
+  }
+
+  acc_t sel[vpt];
+#pragma unroll
+  for (int i = 0; i < vpt; ++i) {
+    const int e = lane + width * i;
+    if (live && e < E) {
+      scores[t * E + e] = s[i];
+      sel[i] = s[i] + (bias ? bias[e] : acc_t(0));
+    } else {
+      sel[i] = neg_inf;
+    }
+  }
+
+  if (num_groups > 1) {
+    // Group score: the sum of the group's two best selection values (its best
+    // when a group has one expert); keep the topk_groups best groups.
+    const int size = E / num_groups;
+    for (int g = 0; g < num_groups; ++g) {
+      acc_t b1 = neg_inf, b2 = neg_inf;
+#pragma unroll
+      for (int i = 0; i < vpt; ++i) {
+        const int e = lane + width * i;
+        if (e < E && e / size == g) {
+          if (sel[i] > b1) {
+            b2 = b1;
+            b1 = sel[i];
+          } else if (sel[i] > b2) {
+            b2 = sel[i];
+          }
+        }
+      }
+#pragma unroll
+      for (int offset = width / 2; offset > 0; offset /= 2) {
+        const acc_t o1 = __shfl_xor_sync(0xffffffffu, b1, offset, width);
+        const acc_t o2 = __shfl_xor_sync(0xffffffffu, b2, offset, width);
+        const acc_t hi = max(b1, o1), lo = min(b1, o1);
+        b2 = max(lo, max(b2, o2));
+        b1 = hi;
+      }
+      if (lane == 0) group_scores[slot][g] = size == 1 ? b1 : b1 + b2;
+    }
+    __syncwarp();
+    uint32_t keep = 0;
+    for (int r = 0; r < topk_groups; ++r) {
+      int best = -1;
+      for (int g = 0; g < num_groups; ++g) {
+        if ((keep >> g) & 1u) continue;
+        if (best < 0 || group_scores[slot][g] > group_scores[slot][best]) best = g;
+      }
+      keep |= 1u << best;
+    }
+#pragma unroll
+    for (int i = 0; i < vpt; ++i) {
+      const int e = lane + width * i;
+      if (e < E && !((keep >> (e / size)) & 1u)) sel[i] = neg_inf;
+    }
+  }
+
+  // k rounds of argmax; lane j of the group keeps the j-th choice.
+  uint32_t taken = 0;
+  acc_t my_weight = 0;
+  int my_expert = 0;
+  for (int j = 0; j < k; ++j) {
+    acc_t value = neg_inf, payload = 0;
+    int index = INT_MAX;
+#pragma unroll
+    for (int i = 0; i < vpt; ++i) {
+      const int e = lane + width * i;
+      if (e >= E || ((taken >> i) & 1u)) continue;
+      if (index == INT_MAX || sel[i] > value) {  // e grows with i: ties keep the lower
+        value = sel[i];
+        index = e;
+        payload = s[i];
+      }
+    }
+    group_argmax<width>(value, index, payload);
+    if (index % width == lane) taken |= 1u << (index / width);
+    if (lane == j) {
+      my_weight = payload;
+      my_expert = index;
+    }
+  }
+  const acc_t sum = group_sum<width>(lane < k ? my_weight : acc_t(0));
+  const acc_t factor = normalize ? scale / sum : scale;
+  if (live && lane < k) {
+    weights[t * k + lane] = my_weight * factor;
+    experts[t * k + lane] = my_expert;
+  }
+}
+
+template <typename scalar_t, typename acc_t, int width, int vpt>
+__global__ void __launch_bounds__(kThreads) route_backward_kernel(
+    const acc_t* __restrict__ grad_weights, const acc_t* __restrict__ grad_scores,
+    const acc_t* __restrict__ weights, const int64_t* __restrict__ experts,
+    const acc_t* __restrict__ scores, int64_t T, int E, int k, bool sigmoid, bool normalize,
+    acc_t scale, scalar_t* __restrict__ grad_logits) {
+  const int lane = threadIdx.x % width;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * (kThreads / width) + threadIdx.x / width;
+  const bool live = t < T;
+  acc_t s[vpt], g[vpt];
+#pragma unroll
+  for (int i = 0; i < vpt; ++i) {
+    const int e = lane + width * i;
+    const bool in = live && e < E;
+    s[i] = in ? scores[t * E + e] : acc_t(0);
+    g[i] = in ? grad_scores[t * E + e] : acc_t(0);
+  }
+  // weights_j = factor * s[idx_j]; lane j < k owns choice j.
+  int idx = 0;
+  acc_t gw = 0, w = 0, s_sel = 0;
+  if (live && lane < k) {
+    idx = static_cast<int>(experts[t * k + lane]);
+    CUDA_KERNEL_ASSERT(idx >= 0 && idx < E && "moe_routing::route_backward: expert out of range");
+    gw = grad_weights[t * k + lane];
+    w = weights[t * k + lane];
+    s_sel = scores[t * E + idx];
+  }
+  const acc_t selected_sum = group_sum<width>(s_sel);
+  const acc_t grad_dot_w = group_sum<width>(gw * w);
+  const acc_t dr = normalize ? (scale * gw - grad_dot_w) / selected_sum : scale * gw;
+  for (int j = 0; j < k; ++j) {
+    const int e_j = __shfl_sync(0xffffffffu, idx, j, width);
+    const acc_t dr_j = __shfl_sync(0xffffffffu, dr, j, width);
+#pragma unroll
+    for (int i = 0; i < vpt; ++i) {
+      if (lane + width * i == e_j) g[i] += dr_j;
+    }
+  }
+  if (!sigmoid) {
+    acc_t dot = 0;
+#pragma unroll
+    for (int i = 0; i < vpt; ++i) dot += g[i] * s[i];
+    dot = group_sum<width>(dot);
+#pragma unroll
+    for (int i = 0; i < vpt; ++i) g[i] = s[i] * (g[i] - dot);
+  } else {
+#pragma unroll
+    for (int i = 0; i < vpt; ++i) g[i] = g[i] * s[i] * (acc_t(1) - s[i]);
+  }
+#pragma unroll
+  for (int i = 0; i < vpt; ++i) {
+    const int e = lane + width * i;
+    if (live && e < E) grad_logits[t * E + e] = static_cast<scalar_t>(g[i]);
+  }
+}
+
+// Calls launch.template operator()<width, vpt>() for the smallest shape that
+// holds E experts in registers.
+template <typename Launch>
+void with_shape(const char* op, int64_t E, Launch&& launch) {
+  if (E <= 8) return launch.template operator()<8, 1>();
+  if (E <= 16) return launch.template operator()<16, 1>();
+  if (E <= 32) return launch.template operator()<32, 1>();
+  if (E <= 64) return launch.template operator()<32, 2>();
+  if (E <= 128) return launch.template operator()<32, 4>();
+  if (E <= 256) return launch.template operator()<32, 8>();
+  if (E <= 512) return launch.template operator()<32, 16>();
+  TORCH_CHECK(E <= 1024, op, ": on CUDA E must be <= 1024, got ", E);
+  return launch.template operator()<32, 32>();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
+    const at::Tensor& logits_in, int64_t k, c10::string_view score_name,
+    std::optional<bool> normalize, const std::optional<at::Tensor>& bias_in, int64_t num_groups,
+    int64_t topk_groups, double scale) {
+  constexpr const char* op = "moe_routing::route";
+  const auto score = detail::parse_score(op, std::string(score_name));
+  detail::check_route_args(logits_in, k, bias_in, num_groups, topk_groups);
+  TORCH_CHECK(k <= 32, op, ": on CUDA k must be <= 32, got ", k);
+  TORCH_CHECK(num_groups <= kMaxGroups, op, ": on CUDA num_groups must be <= ", kMaxGroups,
+              ", got ", num_groups);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const at::Tensor logits = logits_in.contiguous();
+  const int64_t T = logits.size(0), E = logits.size(1);
+  const auto acc_type = detail::router_dtype(logits.scalar_type());
+  const auto opts = logits.options().dtype(acc_type);
+  at::Tensor weights = at::empty({T, k}, opts);
+  at::Tensor experts = at::empty({T, k}, opts.dtype(at::kLong));
+  at::Tensor scores = at::empty({T, E}, opts);
+  at::Tensor bias;
+  if (bias_in.has_value()) bias = bias_in->to(acc_type).contiguous();
+  if (T == 0) return {weights, experts, scores};
+  const bool norm = detail::resolve_normalize(normalize, k);
+  const cudaStream_t stream = current_stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_shape(op, E, [&]<int width, int vpt>() {
+      const unsigned blocks = grid_for(T, kThreads / width);
+      route_kernel<scalar_t, acc_t, width, vpt><<<blocks, kThreads, 0, stream>>>(
+          logits.const_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
+          T, static_cast<int>(E), static_cast<int>(k), score == detail::Score::Sigmoid, norm,
+          static_cast<int>(num_groups), static_cast<int>(topk_groups), static_cast<acc_t>(scale),
+          weights.mutable_data_ptr<acc_t>(), experts.mutable_data_ptr<int64_t>(),
+          scores.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {weights, experts, scores};
+}
+
+at::Tensor route_backward_cuda(const at::Tensor& grad_weights, const at::Tensor& grad_scores,
+                               const at::Tensor& weights, const at::Tensor& experts,
+                               const at::Tensor& scores, c10::string_view score_name,
+                               bool normalize, double scale, at::ScalarType logits_dtype) {
+  constexpr const char* op = "moe_routing::route_backward";
+  const auto score = detail::parse_score(op, std::string(score_name));
+  detail::check_route_backward_args(grad_weights, grad_scores, weights, experts, scores,
+                                    logits_dtype);
+  const int64_t T = scores.size(0), E = scores.size(1), k = experts.size(1);
+  TORCH_CHECK(k <= 32, op, ": on CUDA k must be <= 32, got ", k);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  at::Tensor grad_logits = at::empty({T, E}, scores.options().dtype(logits_dtype));
+  if (T == 0) return grad_logits;
+  const at::Tensor gw = grad_weights.contiguous(), gs = grad_scores.contiguous();
+  const at::Tensor w = weights.contiguous(), ex = experts.contiguous(), sc = scores.contiguous();
+  const cudaStream_t stream = current_stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_dtype, op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_shape(op, E, [&]<int width, int vpt>() {
+      route_backward_kernel<scalar_t, acc_t, width, vpt>
+          <<<grid_for(T, kThreads / width), kThreads, 0, stream>>>(
+              gw.const_data_ptr<acc_t>(), gs.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
+              ex.const_data_ptr<int64_t>(), sc.const_data_ptr<acc_t>(), T, static_cast<int>(E),
+              static_cast<int>(k), score == detail::Score::Sigmoid, normalize,
+              static_cast<acc_t>(scale), grad_logits.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return grad_logits;
+}
+
+}  // namespace
+}  // namespace moe_routing::cuda
+
+TORCH_LIBRARY_IMPL(moe_routing, CUDA, m) {
+  m.impl("route", &moe_routing::cuda::route_cuda);
+  m.impl("route_backward", &moe_routing::cuda::route_backward_cuda);
+}
