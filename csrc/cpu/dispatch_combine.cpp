@@ -42,38 +42,24 @@ std::vector<int64_t> row_owners(const char* op, const at::Tensor& slots, int64_t
 }
 
 // out[t] = sum over j of weight[t, j] * rows[slots[t, j]] (weight 1 when
-// weights is null), accumulated in acc_t in choice order.
+// weights is null), accumulated in acc_t in choice order, stored once.
 template <typename scalar_t, typename acc_t, typename weight_t>
 void gather_sum(const char* op, const scalar_t* rows, int64_t num_rows, const int64_t* slots,
                 const weight_t* weights, int64_t T, int64_t k, int64_t H, scalar_t* out) {
   at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
-    // float32 / float64 rows accumulate in the output row itself.
-    constexpr bool in_place = std::is_same_v<scalar_t, acc_t>;
-    std::vector<acc_t> acc(in_place ? 0 : H);
+    std::vector<const scalar_t*> kept_rows(k);
+    std::vector<acc_t> kept_weights(k);
     for (int64_t t = begin; t < end; ++t) {
-      acc_t* a;
-      if constexpr (in_place) {
-        a = out + t * H;
-      } else {
-        a = acc.data();
-      }
-      // The first kept row is written, later ones added: no zero pass.
-      bool first = true;
+      int64_t count = 0;
       for (int64_t j = 0; j < k; ++j) {
         const int64_t r = slots[t * k + j];
         if (r == -1) continue;
         TORCH_CHECK(r >= 0 && r < num_rows, op, ": slots must be -1 (dropped) or in [0, num_rows=",
                     num_rows, "), got ", r);
-        const acc_t w = weights ? static_cast<acc_t>(weights[t * k + j]) : acc_t(1);
-        if (first) {
-          scale_into(a, w, rows + r * H, H);
-          first = false;
-        } else {
-          axpy(a, w, rows + r * H, H);
-        }
+        kept_rows[count] = rows + r * H;
+        kept_weights[count++] = weights ? static_cast<acc_t>(weights[t * k + j]) : acc_t(1);
       }
-      if (first) std::fill(a, a + H, acc_t(0));  // every choice dropped
-      if constexpr (!in_place) scale_into(out + t * H, acc_t(1), a, H);
+      weighted_sum(out + t * H, kept_rows.data(), kept_weights.data(), count, H);
     }
   });
 }

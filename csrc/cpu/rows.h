@@ -74,6 +74,39 @@ inline void scale_into(scalar_t* out, acc_t a, const src_t* x, int64_t n) {
   for (; h < n; ++h) out[h] = static_cast<scalar_t>(a * static_cast<acc_t>(x[h]));
 }
 
+// out[0:n] = sum over j < count of w[j] * rows[j][0:n], rounded to scalar_t
+// once: each vector of out is accumulated in acc_t registers over the rows in
+// j order and stored once (zeros when count == 0).
+template <typename scalar_t, typename acc_t>
+inline void weighted_sum(scalar_t* out, const scalar_t* const* rows, const acc_t* w, int64_t count,
+                         int64_t n) {
+  using fVec = at::vec::Vectorized<acc_t>;
+  int64_t h = 0;
+  if constexpr (is_reduced_v<scalar_t>) {
+    using rVec = at::vec::Vectorized<scalar_t>;
+    for (; h + rVec::size() <= n; h += rVec::size()) {
+      fVec lo(acc_t(0)), hi(acc_t(0));
+      for (int64_t j = 0; j < count; ++j) {
+        auto [a, b] = at::vec::convert_to_float<scalar_t>(rVec::loadu(rows[j] + h));
+        lo = at::vec::fmadd(fVec(w[j]), a, lo);
+        hi = at::vec::fmadd(fVec(w[j]), b, hi);
+      }
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(out + h);
+    }
+  } else {
+    for (; h + fVec::size() <= n; h += fVec::size()) {
+      fVec acc(acc_t(0));
+      for (int64_t j = 0; j < count; ++j) acc = at::vec::fmadd(fVec(w[j]), fVec::loadu(rows[j] + h), acc);
+      acc.store(out + h);
+    }
+  }
+  for (; h < n; ++h) {
+    acc_t acc = 0;
+    for (int64_t j = 0; j < count; ++j) acc += w[j] * static_cast<acc_t>(rows[j][h]);
+    out[h] = static_cast<scalar_t>(acc);
+  }
+}
+
 // sum of x[i] * y[i], accumulated in acc_t lanes, then reduced in a fixed order.
 template <typename acc_t, typename scalar_t>
 inline acc_t dot(const scalar_t* x, const scalar_t* y, int64_t n) {
