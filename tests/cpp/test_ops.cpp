@@ -109,6 +109,16 @@ TEST(Plan, MetaShapesAndErrors) {
   EXPECT_THROW(mr::plan(longs({0, 1}, {1, 2}), 5, -1), c10::Error);  // negative capacity
 }
 
+TEST(Plan, ScoreAndBatchPriorities) {
+  const auto weights = torch::tensor({{0.3f, 0.2f}, {0.4f, 0.6f}});
+  auto score = std::get<0>(mr::plan(longs({0, 1, 2, 0}, {2, 2}), 3, 1, weights, "score"));
+  EXPECT_TRUE(torch::equal(score, longs({-1, 1, 2, 0}, {2, 2})));  // t1's .6 beats t0's .3
+  const auto batch_weights = torch::tensor({{0.4f, 0.35f}, {0.9f, 0.05f}});
+  auto batch = std::get<0>(mr::plan(longs({0, 1, 0, 2}, {2, 2}), 3, 1, batch_weights, "batch"));
+  EXPECT_TRUE(torch::equal(batch, longs({-1, 1, 0, 2}, {2, 2})));  // confident t1 first
+  EXPECT_THROW(mr::plan(longs({0, 1}, {1, 2}), 3, 1, std::nullopt, "score"), c10::Error);
+}
+
 TEST(Capacity, Formula) {
   EXPECT_EQ(mr::capacity(4096, 8, 2, 1.25), 1280);
   EXPECT_EQ(mr::capacity(10, 64, 1, 1.0), 4);  // min_capacity
@@ -198,6 +208,51 @@ TEST(Losses, ZLossValueGradientAndMask) {
                                   torch::empty({3, 4}, torch::device(at::kMeta).dtype(at::kHalf)),
                                   std::nullopt),
               {3, 4}, at::kHalf);
+}
+
+// ---------------------------------------------------------------- routing breadth
+
+TEST(ExpertChoice, TopTokensPerExpertAndGradient) {
+  auto scores = torch::tensor({{0.1, 0.9}, {0.5, 0.5}, {0.5, 0.2}, {0.7, 0.3}}, torch::kDouble)
+                    .requires_grad_();
+  auto [weights, tokens] = mr::expert_choice(scores, 2);
+  EXPECT_TRUE(torch::equal(tokens, longs({3, 1, 0, 1}, {2, 2})));
+  EXPECT_TRUE(torch::allclose(weights.detach(), torch::tensor({{0.7, 0.5}, {0.9, 0.5}}, torch::kDouble)));
+  weights.sum().backward();
+  // Each chosen (token, expert) entry gets gradient 1, the rest 0.
+  const auto expected = torch::tensor({{0.0, 1.0}, {1.0, 1.0}, {0.0, 0.0}, {1.0, 0.0}}, torch::kDouble);
+  EXPECT_TRUE(torch::equal(scores.grad(), expected));
+  auto [mw, mt] = mr::expert_choice(torch::empty({6, 3}, torch::device(at::kMeta)), 4);
+  expect_meta(mw, {3, 4}, at::kFloat);
+  expect_meta(mt, {3, 4}, at::kLong);
+}
+
+TEST(GroupedMm, MatchesPerExpertProductsAndBackward) {
+  auto x = torch::randn({9, 4}, torch::kDouble).requires_grad_();
+  auto w = torch::randn({2, 4, 3}, torch::kDouble).requires_grad_();
+  const auto counts = longs({3, 5}, {2});
+  const auto y = mr::grouped_mm(x, w, counts);
+  EXPECT_TRUE(torch::allclose(y.slice(0, 0, 3), torch::mm(x.slice(0, 0, 3), w[0])));
+  EXPECT_TRUE(torch::allclose(y.slice(0, 3, 8), torch::mm(x.slice(0, 3, 8), w[1])));
+  EXPECT_TRUE(torch::equal(y[8], torch::zeros({3}, torch::kDouble)));  // past sum(counts)
+  y.sum().backward();
+  EXPECT_TRUE(torch::allclose(w.grad()[0], torch::mm(x.slice(0, 0, 3).t(), torch::ones({3, 3}, torch::kDouble))));
+  EXPECT_TRUE(torch::equal(x.grad()[8], torch::zeros({4}, torch::kDouble)));
+  const auto meta = torch::device(at::kMeta);
+  expect_meta(mr::grouped_mm(torch::empty({9, 4}, meta), torch::empty({2, 4, 3}, meta),
+                             torch::empty({2}, meta.dtype(at::kLong))),
+              {9, 3}, at::kFloat);
+  EXPECT_THROW(mr::grouped_mm(x.detach(), w.detach(), longs({5, 5}, {2})), c10::Error);  // 10 > 9 rows
+}
+
+TEST(Losses, SequenceWiseIsTheMeanOverSequences) {
+  const auto scores = torch::rand({8, 4}, torch::kDouble);
+  const auto experts = torch::randint(0, 4, {8, 2}, torch::kLong);
+  const auto whole = mr::load_balancing_loss(scores, experts, std::nullopt, 4);
+  const auto first = mr::load_balancing_loss(scores.slice(0, 0, 4), experts.slice(0, 0, 4));
+  const auto second = mr::load_balancing_loss(scores.slice(0, 4, 8), experts.slice(0, 4, 8));
+  EXPECT_NEAR(whole.item<double>(), (first.item<double>() + second.item<double>()) / 2, 1e-12);
+  EXPECT_THROW(mr::load_balancing_loss(scores, experts, std::nullopt, 3), c10::Error);
 }
 
 }  // namespace
