@@ -126,24 +126,47 @@ def expert_specialisation(model: MoELanguageModel, tokens: torch.Tensor) -> str:
     return "\n".join(lines)
 
 
-def plot_load(history: list[tuple[int, list[torch.Tensor]]], path: str) -> None:
+def smooth(values: torch.Tensor, window: int = 25) -> torch.Tensor:
+    """Moving average over the last `window` steps (per column)."""
+    cumulative = torch.cat([torch.zeros_like(values[:1]), values.cumsum(0)])
+    steps = torch.arange(1, len(values) + 1).clamp(max=window)
+    start = torch.arange(len(values)) + 1 - steps
+    return (cumulative[1:] - cumulative[start]) / steps.view(-1, *[1] * (values.dim() - 1))
+
+
+def plot_load(history: list[tuple[int, list[torch.Tensor], list[float]]], path: str) -> None:
+    """Top: each expert's share of the routed assignments per layer; bottom: the
+    dropped-assignment fraction and max/mean load. 25-step moving averages."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [s for s, _ in history]
+    steps = [s for s, _, _ in history]
     layers = len(history[0][1])
-    fig, axes = plt.subplots(1, layers, figsize=(5 * layers, 4), sharey=True, squeeze=False)
-    for layer, ax in enumerate(axes[0]):
-        shares = torch.stack([loads[layer] / loads[layer].sum() for _, loads in history])
+    fig, axes = plt.subplots(2, layers, figsize=(5 * layers, 7), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [2, 1]})
+    for layer in range(layers):
+        loads = torch.stack([loads[layer] for _, loads, _ in history])
+        shares = smooth(100 * loads / loads.sum(1, keepdim=True))
+        ax = axes[0][layer]
         for e in range(shares.shape[1]):
-            ax.plot(steps, 100 * shares[:, e], label=f"expert {e}", linewidth=1.2)
+            ax.plot(steps, shares[:, e], label=f"expert {e}", linewidth=1.2)
         ax.axhline(100 / shares.shape[1], color="black", linestyle="--", linewidth=0.8, label="perfect balance")
-        ax.set_title(f"layer {layer}: share of routed tokens")
-        ax.set_xlabel("training step")
+        ax.set_title(f"layer {layer}: share of routed assignments")
+        ax.set_ylabel("% (25-step mean)" if layer == 0 else "")
+        dropped = smooth(torch.tensor([100 * d[layer] for _, _, d in history]))
+        imbalance = smooth((loads.max(1).values / loads.mean(1)))
+        ax2 = axes[1][layer]
+        ax2.plot(steps, dropped, color="tab:red", label="dropped % (capacity factor 1.25)")
+        ax2.set_ylabel("dropped %" if layer == 0 else "")
+        ax2.set_xlabel("training step")
+        twin = ax2.twinx()
+        twin.plot(steps, imbalance, color="tab:blue", label="max/mean load")
+        twin.set_ylabel("max / mean load" if layer == layers - 1 else "")
         if layer == 0:
-            ax.set_ylabel("% of assignments (before capacity cut)")
+            ax2.legend(loc="upper right", fontsize=8)
+            twin.legend(loc="center right", fontsize=8)
     axes[0][-1].legend(fontsize=7, loc="upper right")
     fig.suptitle("moe_routing demo: expert load while training a byte-level MoE LM on Python's stdlib")
     fig.tight_layout()
@@ -191,7 +214,8 @@ def main():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        history.append((step, [b.moe.stats["load"].float() for b in model.blocks]))
+        history.append((step, [b.moe.stats["load"].float() for b in model.blocks],
+                        [b.moe.stats["dropped_fraction"].item() for b in model.blocks]))
         elapsed = time.time() - start
         bar = progress(step, elapsed, args.seconds, sum(losses[-20:]) / len(losses[-20:]))
         if interactive:  # redraw in place; in a log, one line every 25 steps
