@@ -169,6 +169,18 @@ void check_combine_args(const at::Tensor& expert_out, const at::Tensor& slots,
               weights.sym_sizes());
 }
 
+void check_combine_backward_args(const at::Tensor& grad_y, const at::Tensor& expert_out,
+                                 const at::Tensor& slots, const at::Tensor& weights) {
+  constexpr const char* op = "moe_routing::combine_backward";
+  check_combine_args(expert_out, slots, weights);
+  check_dim(op, "grad_y", grad_y, 2, "[T, H]");
+  check_dtype(op, "grad_y", grad_y, expert_out.scalar_type());
+  check_same_device(op, "grad_y", grad_y, expert_out);
+  TORCH_CHECK(grad_y.sym_size(0) == slots.sym_size(0) && grad_y.sym_size(1) == expert_out.sym_size(-1),
+              op, ": grad_y must be [T=", slots.sym_size(0), ", H=", expert_out.sym_size(-1),
+              "], got ", grad_y.sym_sizes());
+}
+
 void check_load_balancing_args(const at::Tensor& scores, const at::Tensor& experts,
                                const std::optional<at::Tensor>& mask,
                                const std::optional<c10::SymInt>& seq_len) {
@@ -239,6 +251,18 @@ void check_z_loss_args(const char* op, const at::Tensor& logits,
 
 at::Tensor rows_view(const at::Tensor& expert_out) {
   return expert_out.dim() == 2 ? expert_out : expert_out.flatten(0, 1);
+}
+
+void check_grouped_mm_backward_args(const at::Tensor& grad, const at::Tensor& x,
+                                    const at::Tensor& weight, const at::Tensor& counts) {
+  constexpr const char* op = "moe_routing::grouped_mm_backward";
+  check_grouped_mm_args(x, weight, counts);
+  check_dtype(op, "grad", grad, x.scalar_type());
+  check_same_device(op, "grad", grad, x);
+  TORCH_CHECK(grad.dim() == 2 && grad.sym_size(0) == x.sym_size(0) &&
+                  grad.sym_size(1) == weight.sym_size(2),
+              op, ": grad must be [R=", x.sym_size(0), ", F=", weight.sym_size(2), "], got ",
+              grad.sym_sizes());
 }
 
 }  // namespace moe_routing::detail

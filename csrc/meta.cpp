@@ -68,8 +68,7 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_meta(const at::Tensor& grad_
                                                          const at::Tensor& expert_out,
                                                          const at::Tensor& slots,
                                                          const at::Tensor& weights) {
-  detail::check_combine_args(expert_out, slots, weights);
-  detail::check_dim("moe_routing::combine_backward", "grad_y", grad_y, 2, "[T, H]");
+  detail::check_combine_backward_args(grad_y, expert_out, slots, weights);
   return {empty(expert_out.sym_sizes(), expert_out, expert_out.scalar_type()),
           empty(weights.sym_sizes(), weights, weights.scalar_type())};
 }
@@ -125,8 +124,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_meta(const at::Tensor& gr
                                                             const at::Tensor& x,
                                                             const at::Tensor& weight,
                                                             const at::Tensor& counts) {
-  (void)grad;
-  detail::check_grouped_mm_args(x, weight, counts);
+  detail::check_grouped_mm_backward_args(grad, x, weight, counts);
   return {empty(x.sym_sizes(), x, x.scalar_type()), empty(weight.sym_sizes(), weight, weight.scalar_type())};
 }
 

@@ -131,6 +131,8 @@ void check_dispatch_args(const at::Tensor& x, const at::Tensor& slots, const c10
 void check_dispatch_backward_args(const at::Tensor& grad_out, const at::Tensor& slots);
 void check_combine_args(const at::Tensor& expert_out, const at::Tensor& slots,
                         const at::Tensor& weights);
+void check_combine_backward_args(const at::Tensor& grad_y, const at::Tensor& expert_out,
+                                 const at::Tensor& slots, const at::Tensor& weights);
 void check_load_balancing_args(const at::Tensor& scores, const at::Tensor& experts,
                                const std::optional<at::Tensor>& mask,
                                const std::optional<c10::SymInt>& seq_len);
@@ -139,6 +141,8 @@ void check_expert_choice_args(const at::Tensor& scores, const c10::SymInt& capac
 void check_expert_choice_backward_args(const at::Tensor& grad_weights, const at::Tensor& tokens,
                                        const c10::SymInt& num_tokens);
 void check_grouped_mm_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& counts);
+void check_grouped_mm_backward_args(const at::Tensor& grad, const at::Tensor& x,
+                                    const at::Tensor& weight, const at::Tensor& counts);
 
 // op is "moe_routing::z_loss" or "moe_routing::z_loss_backward".
 void check_z_loss_args(const char* op, const at::Tensor& logits,

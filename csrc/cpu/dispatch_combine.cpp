@@ -168,13 +168,8 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& grad_y
                                                         const at::Tensor& slots_in,
                                                         const at::Tensor& weights_in) {
   constexpr const char* op = "moe_routing::combine_backward";
-  detail::check_combine_args(expert_out, slots_in, weights_in);
-  detail::check_dim(op, "grad_y", grad_y_in, 2, "[T, H]");
-  detail::check_dtype(op, "grad_y", grad_y_in, expert_out.scalar_type());
+  detail::check_combine_backward_args(grad_y_in, expert_out, slots_in, weights_in);
   const at::Tensor rows = detail::rows_view(expert_out).contiguous();
-  TORCH_CHECK(grad_y_in.size(0) == slots_in.size(0) && grad_y_in.size(1) == rows.size(1), op,
-              ": grad_y must be [T=", slots_in.size(0), ", H=", rows.size(1), "], got ",
-              grad_y_in.sizes());
   const at::Tensor grad_y = grad_y_in.contiguous(), slots = slots_in.contiguous();
   const at::Tensor weights = weights_in.contiguous();
   at::Tensor grad_expert_out = at::empty(expert_out.sizes(), expert_out.options());

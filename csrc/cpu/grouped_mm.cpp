@@ -48,10 +48,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cpu(const at::Tensor& gra
                                                            const at::Tensor& weight,
                                                            const at::Tensor& counts) {
   constexpr const char* op = "moe_routing::grouped_mm_backward";
-  detail::check_grouped_mm_args(x, weight, counts);
-  detail::check_dtype(op, "grad", grad, x.scalar_type());
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == x.size(0) && grad.size(1) == weight.size(2), op,
-              ": grad must be [R=", x.size(0), ", F=", weight.size(2), "], got ", grad.sizes());
+  detail::check_grouped_mm_backward_args(grad, x, weight, counts);
   const auto offsets = group_offsets(op, counts, x.size(0));
   at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor grad_weight = at::empty_like(weight, at::MemoryFormat::Contiguous);

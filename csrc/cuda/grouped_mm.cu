@@ -142,10 +142,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& gr
                                                             const at::Tensor& weight,
                                                             const at::Tensor& counts) {
   constexpr const char* op = "moe_routing::grouped_mm_backward";
-  detail::check_grouped_mm_args(x_in, weight, counts);
-  detail::check_dtype(op, "grad", grad_in, x_in.scalar_type());
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == x_in.size(0) && grad_in.size(1) == weight.size(2),
-              op, ": grad must be [R=", x_in.size(0), ", F=", weight.size(2), "], got ", grad_in.sizes());
+  detail::check_grouped_mm_backward_args(grad_in, x_in, weight, counts);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
   const int64_t R = x.size(0), H = x.size(1), E = weight.size(0), F = weight.size(2);
