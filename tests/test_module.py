@@ -297,6 +297,19 @@ def test_compile_routing_options(options):
         assert torch.equal(compiled(x), compiled(x))  # eval is deterministic
 
 
+@pytest.mark.parametrize("noise", ["gaussian", "learned"])
+def test_compile_training_with_noise_and_jitter(noise):
+    # Training-mode randomness compiles into the graph (fullgraph would raise on a break).
+    torch._dynamo.reset()
+    moe = mr.MoE(8, 16, 4, 2, noise=noise, jitter=0.1).train()
+    compiled = torch.compile(moe, fullgraph=True, dynamic=True)
+    x = torch.randn(40, 8, requires_grad=True)
+    y = compiled(x)
+    (y.sum() + mr.aux_loss(moe)).backward()
+    assert y.shape == x.shape and x.grad is not None and torch.isfinite(x.grad).all()
+    assert not torch.equal(compiled(x), compiled(x))  # the noise is redrawn each call
+
+
 def test_compile_training_router_with_bias_update():
     torch._dynamo.reset()
     moe = mr.MoE(8, 16, 4, 2, score="sigmoid", bias_update_rate=0.01, num_groups=2, topk_groups=2)
