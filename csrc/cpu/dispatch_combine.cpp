@@ -59,6 +59,10 @@ void gather_sum(const char* op, const scalar_t* rows, int64_t num_rows, const in
         kept_rows[count] = rows + r * H;
         kept_weights[count++] = weights ? static_cast<acc_t>(weights[t * k + j]) : acc_t(1);
       }
+      for (int64_t j = 0; t + 1 < end && j < k; ++j) {
+        const int64_t r = slots[(t + 1) * k + j];
+        if (r >= 0 && r < num_rows) prefetch_row(rows + r * H, H * sizeof(scalar_t));
+      }
       weighted_sum(out + t * H, kept_rows.data(), kept_weights.data(), count, H);
     }
   });
@@ -76,6 +80,7 @@ at::Tensor dispatch_cpu(const at::Tensor& x_in, const at::Tensor& slots_in, int6
   char* dst = static_cast<char*>(out.mutable_data_ptr());
   at::parallel_for(0, num_rows, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
+      if (r + 1 < end && owners[r + 1] >= 0) prefetch_row(src + (owners[r + 1] / k) * row_bytes, row_bytes);
       if (owners[r] < 0) {
         std::memset(dst + r * row_bytes, 0, row_bytes);
       } else {
@@ -145,6 +150,10 @@ void combine_backward_kernel(const char* op, const at::Tensor& grad_y, const at:
   weight_t* gw = grad_weights.mutable_data_ptr<weight_t>();
   at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
+      for (int64_t j = 0; t + 1 < end && j < k; ++j) {
+        const int64_t r = s[(t + 1) * k + j];
+        if (r >= 0 && r < R) prefetch_row(x + r * H, H * sizeof(row_t));
+      }
       for (int64_t j = 0; j < k; ++j) {
         const int64_t r = s[t * k + j];
         if (r < 0) {

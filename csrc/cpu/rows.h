@@ -134,6 +134,14 @@ inline acc_t dot(const scalar_t* x, const scalar_t* y, int64_t n) {
   return total;
 }
 
+// Asks for a row's cache lines ahead of use. Kernels that gather rows in
+// slot order call it for the next token's rows: scattered rows are out of
+// the hardware prefetcher's reach until their first lines miss.
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
+}
+
 // Number of fixed-size chunks over n items. Reductions sum per chunk and then
 // over chunks in order, so results do not depend on the thread count.
 constexpr int64_t kReduceChunk = 256;
