@@ -182,8 +182,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plan_cpu(
   const int64_t T = experts.size(0), k = experts.size(1);
   at::Tensor mask_c, weights;
   if (mask.has_value()) mask_c = mask->contiguous();
-  // Weights only order assignments: float64 holds every float32 exactly.
-  if (weights_in.has_value()) weights = weights_in->to(at::kDouble).contiguous();
+  // Weights only order assignments ("score", "batch"): float64 holds every float32 exactly.
+  const bool by_weight = priority == Priority::Score || priority == Priority::Batch;
+  if (by_weight) weights = weights_in->to(at::kDouble).contiguous();
   const double* w = weights.defined() ? weights.const_data_ptr<double>() : nullptr;
 
   std::vector<int64_t> order;
