@@ -4,8 +4,7 @@ semantics as moe_routing's ops (choice priority, capacity or dropless).
 This is baseline (a) of the benchmarks: what a user would write instead of
 the extension, vectorised, without Python loops or host synchronisation, so
 that torch.compile can take it whole (baseline (b)). It is not the readable
-specification (that is moe_routing/reference.py), and it is checked against
-the extension in tests/test_benchmarks.py.
+specification (that is moe_routing/reference.py).
 """
 from __future__ import annotations
 

@@ -103,6 +103,14 @@ inline std::optional<c10::SymInt> to_symint(std::optional<int64_t> value) {
   return c10::SymInt(*value);
 }
 
+// The padding mask as a bool pointer for a kernel (null when there is none);
+// holder keeps its contiguous copy alive.
+inline const bool* mask_data(const std::optional<at::Tensor>& mask, at::Tensor& holder) {
+  if (!mask.has_value()) return nullptr;
+  holder = mask->contiguous();
+  return holder.const_data_ptr<bool>();
+}
+
 // Float type of weights and scores: float64 for float64 logits, else float32.
 inline at::ScalarType router_dtype(at::ScalarType logits_dtype) {
   return logits_dtype == at::kDouble ? at::kDouble : at::kFloat;

@@ -46,13 +46,13 @@ std::tuple<at::Tensor, at::Tensor> expert_choice_cpu(const at::Tensor& scores_in
   detail::check_expert_choice_args(scores_in, capacity, mask);
   const at::Tensor scores = scores_in.contiguous();
   const int64_t T = scores.size(0), E = scores.size(1);
-  at::Tensor mask_c;
-  if (mask.has_value()) mask_c = mask->contiguous();
+  at::Tensor mask_holder;
+  const bool* m = detail::mask_data(mask, mask_holder);
   at::Tensor weights = at::empty({E, capacity}, scores.options());
   at::Tensor tokens = at::empty({E, capacity}, scores.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), op, [&] {
     expert_choice_kernel<scalar_t>(scores.const_data_ptr<scalar_t>(),
-                                   mask_c.defined() ? mask_c.const_data_ptr<bool>() : nullptr, T,
+                                   m, T,
                                    E, capacity, weights.mutable_data_ptr<scalar_t>(),
                                    tokens.mutable_data_ptr<int64_t>());
   });

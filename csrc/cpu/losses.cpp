@@ -13,12 +13,6 @@ namespace {
 
 inline bool is_valid(const bool* mask, int64_t t) { return mask == nullptr || mask[t]; }
 
-const bool* mask_data(const std::optional<at::Tensor>& mask, at::Tensor& holder) {
-  if (!mask.has_value()) return nullptr;
-  holder = mask->contiguous();
-  return holder.const_data_ptr<bool>();
-}
-
 // Per-sequence assignment counts and valid tokens. Without seq_len the whole
 // batch is one sequence.
 struct SequenceCounts {
@@ -101,7 +95,7 @@ at::Tensor load_balancing_loss_cpu(const at::Tensor& scores_in, const at::Tensor
   detail::check_load_balancing_args(scores_in, experts_in, mask, detail::to_symint(seq_len));
   const at::Tensor scores = scores_in.contiguous(), experts = experts_in.contiguous();
   at::Tensor mask_holder;
-  const bool* m = mask_data(mask, mask_holder);
+  const bool* m = detail::mask_data(mask, mask_holder);
   return AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "moe_routing::load_balancing_loss", [&] {
     return load_balancing_kernel<scalar_t>(scores, experts, m, seq_len);
   });
@@ -116,7 +110,7 @@ at::Tensor load_balancing_loss_backward_cpu(const at::Tensor& grad, const at::Te
   TORCH_CHECK(grad.dim() == 0, op, ": grad must be a scalar, got shape ", grad.sizes());
   const at::Tensor scores = scores_in.contiguous(), experts = experts_in.contiguous();
   at::Tensor mask_holder;
-  const bool* m = mask_data(mask, mask_holder);
+  const bool* m = detail::mask_data(mask, mask_holder);
   const int64_t T = scores.size(0), E = scores.size(1), k = experts.size(1);
   at::Tensor grad_scores = at::zeros({T, E}, scores.options());
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), op, [&] {
@@ -167,7 +161,7 @@ at::Tensor z_loss_cpu(const at::Tensor& logits_in, const std::optional<at::Tenso
   detail::check_z_loss_args(op, logits_in, mask);
   const at::Tensor logits = logits_in.contiguous();
   at::Tensor mask_holder;
-  const bool* m = mask_data(mask, mask_holder);
+  const bool* m = detail::mask_data(mask, mask_holder);
   const int64_t T = logits.size(0), E = logits.size(1);
   at::Tensor loss;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
@@ -204,7 +198,7 @@ at::Tensor z_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& logits_
   TORCH_CHECK(grad.dim() == 0, op, ": grad must be a scalar, got shape ", grad.sizes());
   const at::Tensor logits = logits_in.contiguous();
   at::Tensor mask_holder;
-  const bool* m = mask_data(mask, mask_holder);
+  const bool* m = detail::mask_data(mask, mask_holder);
   const int64_t T = logits.size(0), E = logits.size(1);
   at::Tensor grad_logits = at::empty({T, E}, logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {

@@ -180,8 +180,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plan_cpu(
                           priority, mask);
   const at::Tensor experts = experts_in.contiguous();
   const int64_t T = experts.size(0), k = experts.size(1);
-  at::Tensor mask_c, weights;
-  if (mask.has_value()) mask_c = mask->contiguous();
+  at::Tensor mask_holder, weights;
+  const bool* m = detail::mask_data(mask, mask_holder);
   // Weights only order assignments ("score", "batch"): float64 holds every float32 exactly.
   const bool by_weight = priority == Priority::Score || priority == Priority::Batch;
   if (by_weight) weights = weights_in->to(at::kDouble).contiguous();
@@ -190,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plan_cpu(
   std::vector<int64_t> order;
   if (priority == Priority::Batch) order = batch_priority_order(w, T, k);
   const Assignments assignments{experts.const_data_ptr<int64_t>(),
-                                mask_c.defined() ? mask_c.const_data_ptr<bool>() : nullptr,
+                                m,
                                 order.empty() ? nullptr : order.data(), k,
                                 priority != Priority::Token};
   Plan p = plan_kernel(assignments, T, num_experts, capacity,

@@ -140,9 +140,8 @@ at::Tensor load_balancing_loss_cuda(const at::Tensor& scores_in, const at::Tenso
   detail::check_load_balancing_args(scores_in, experts_in, mask, detail::to_symint(seq_len));
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const at::Tensor scores = scores_in.contiguous(), experts = experts_in.contiguous();
-  at::Tensor mask_c;
-  if (mask.has_value()) mask_c = mask->contiguous();
-  const bool* m = mask_c.defined() ? mask_c.const_data_ptr<bool>() : nullptr;
+  at::Tensor mask_holder;
+  const bool* m = detail::mask_data(mask, mask_holder);
   const int64_t T = scores.size(0), E = scores.size(1);
   const Sequences seq = sequences_of(T, seq_len);
   at::Tensor loss = at::empty({}, scores.options());
@@ -173,9 +172,8 @@ at::Tensor load_balancing_loss_backward_cuda(const at::Tensor& grad, const at::T
   TORCH_CHECK(grad.dim() == 0, op, ": grad must be a scalar, got shape ", grad.sizes());
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const at::Tensor experts = experts_in.contiguous();
-  at::Tensor mask_c;
-  if (mask.has_value()) mask_c = mask->contiguous();
-  const bool* m = mask_c.defined() ? mask_c.const_data_ptr<bool>() : nullptr;
+  at::Tensor mask_holder;
+  const bool* m = detail::mask_data(mask, mask_holder);
   const int64_t T = scores_in.size(0), E = scores_in.size(1);
   const Sequences seq = sequences_of(T, seq_len);
   at::Tensor out = at::empty({T, E}, scores_in.options());
@@ -297,13 +295,12 @@ at::Tensor z_loss_cuda(const at::Tensor& logits_in, const std::optional<at::Tens
   detail::check_z_loss_args(op, logits_in, mask);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous();
-  at::Tensor mask_c;
-  if (mask.has_value()) mask_c = mask->contiguous();
+  at::Tensor mask_holder;
+  const bool* m = detail::mask_data(mask, mask_holder);
   at::Tensor loss = at::empty({}, logits.options().dtype(detail::router_dtype(logits.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    z_reduce<scalar_t, acc_t>(logits, mask_c.defined() ? mask_c.const_data_ptr<bool>() : nullptr,
-                              loss.mutable_data_ptr<acc_t>(), nullptr);
+    z_reduce<scalar_t, acc_t>(logits, m, loss.mutable_data_ptr<acc_t>(), nullptr);
   });
   return loss;
 }
@@ -315,9 +312,8 @@ at::Tensor z_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& logits
   TORCH_CHECK(grad.dim() == 0, op, ": grad must be a scalar, got shape ", grad.sizes());
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous();
-  at::Tensor mask_c;
-  if (mask.has_value()) mask_c = mask->contiguous();
-  const bool* m = mask_c.defined() ? mask_c.const_data_ptr<bool>() : nullptr;
+  at::Tensor mask_holder;
+  const bool* m = detail::mask_data(mask, mask_holder);
   const int64_t T = logits.size(0), E = logits.size(1);
   at::Tensor out = at::empty({T, E}, logits.options());
   const cudaStream_t stream = current_stream();

@@ -191,15 +191,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plan_cuda(
   const at::Tensor experts = experts_in.contiguous();
   const int64_t T = experts.size(0), k = experts.size(1), E = num_experts;
   const auto long_opts = experts.options();
-  at::Tensor mask_c;
-  if (mask.has_value()) mask_c = mask->contiguous();
+  at::Tensor mask_holder;
+  const bool* m = detail::mask_data(mask, mask_holder);
   at::Tensor order;
   if (priority == Priority::Batch) {  // positions by descending top-1 weight, ties in token order
     const at::Tensor top1 = k > 0 ? std::get<0>(weights_in->to(at::kDouble).max(1)) : at::zeros({T}, long_opts.dtype(at::kDouble));
     order = std::get<1>(at::sort(top1.neg(), /*stable=*/true, 0, false)).contiguous();
   }
   const Walk w{experts.const_data_ptr<int64_t>(),
-               mask_c.defined() ? mask_c.const_data_ptr<bool>() : nullptr,
+               m,
                order.defined() ? order.const_data_ptr<int64_t>() : nullptr, T, static_cast<int>(k),
                priority != Priority::Token};
   const bool by_score = priority == Priority::Score && capacity.has_value();

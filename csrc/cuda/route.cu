@@ -16,10 +16,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxGroups = 32;
 
-struct Best {
-  float dummy;
-};
-
 // (value, index) argmax over a lane group: larger value, then lower index.
 template <int width, typename acc_t>
 __device__ __forceinline__ void group_argmax(acc_t& value, int& index, acc_t& payload) {
