@@ -25,10 +25,14 @@ from .ops import (  # noqa: E402
     route,
     z_loss,
 )
-from .layers import MoE, Experts, Router, RouterOutput, aux_loss, routing_stats  # noqa: E402
+from .layers import (  # noqa: E402
+    MoE, Experts, Router, RouterOutput, aux_loss, expert_load, routing_stats, update_bias,
+)
 from . import reference  # noqa: E402,F401
 
 __all__ = [
     "ExpertChoice", "Plan", "Routing", "capacity", "combine", "dispatch", "expert_choice",
-    "expert_choice_slots", "grouped_mm", "load_balancing_loss", "plan", "route", "z_loss", "MoE", "Experts", "Router", "RouterOutput", "aux_loss", "routing_stats",
+    "expert_choice_slots", "grouped_mm", "load_balancing_loss", "plan", "route", "z_loss",
+    "MoE", "Experts", "Router", "RouterOutput", "aux_loss", "expert_load", "routing_stats",
+    "update_bias",
 ]

@@ -1,7 +1,9 @@
 """nn.Modules on top of the routing ops: Router, Experts and the drop-in MoE layer."""
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -9,6 +11,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread: that is when
+    activation checkpointing re-runs a forward (reentrant or not). Such a
+    recompute must not count the load a second time or overwrite the
+    layer's statistics."""
+    if torch.compiler.is_compiling():
+        return False  # compiled code re-runs no Python forward in backward
+    return torch._C._current_graph_task_id() != -1
+
+
+def _autocast_disabled(device_type: str):
+    if device_type in ("cpu", "cuda", "xpu", "mps", "hpu", "xla"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()  # meta and other devices have no autocast
+
+
+def expert_load(experts: torch.Tensor, num_experts: int,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Assignments per expert, [E] int64, counting valid tokens only."""
+    counts = torch.ones_like(experts) if mask is None else mask[:, None].expand_as(experts).long()
+    load = torch.zeros(num_experts, dtype=torch.long, device=experts.device)
+    return load.scatter_add_(0, experts.reshape(-1), counts.reshape(-1))
 
 
 class RouterOutput(NamedTuple):
@@ -28,16 +54,26 @@ class Router(nn.Module):
       * ``noise="gaussian"``: logits + N(0, 1/E^2) (V-MoE);
         ``noise="learned"``: logits + N(0, 1) * softplus(x W_noise) (Shazeer et
         al. 2017, noisy top-k gating).
-    ``bias_update_rate`` > 0 keeps a float32 ``bias`` buffer used for selection
-    only, updated after each training forward by
-    ``b_e += rate * sign(mean load - load_e)`` over valid tokens
-    (auxiliary-loss-free balancing, DeepSeek-V3).
-    """
+    Auxiliary-loss-free balancing (DeepSeek-V3): ``bias_update_rate`` > 0
+    keeps a float32 ``bias`` buffer used for selection only. Forward never
+    changes it: each training forward adds its per-expert load (valid tokens
+    only) to a pending count, and :meth:`update_bias` (call it after
+    ``optimizer.step()``) applies ``b_e += rate * sign(mean load - load_e)``
+    to the load pending since its last call and clears it. A forward that
+    activation checkpointing re-runs inside backward routes with the same
+    bias and is not counted twice. The pending count is a plain attribute,
+    not a buffer, so DDP's buffer broadcast cannot overwrite it; pass
+    ``update_bias(group)`` to sum it over a process group first, so every
+    rank applies the same update.
+    ``fixed_bias`` [E] (e.g. DeepSeek-V3's checkpoint-loaded
+    ``e_score_correction_bias``) is a buffer added to the selection bias that
+    never updates.    """
 
     def __init__(self, d_model: int, num_experts: int, k: int = 1, *, score: str = "softmax",
                  normalize: Optional[bool] = None, num_groups: int = 1, topk_groups: int = 1,
                  scale: float = 1.0, jitter: float = 0.0, noise: Optional[str] = None,
-                 bias_update_rate: float = 0.0, dtype: torch.dtype = torch.float32):
+                 bias_update_rate: float = 0.0, dtype: torch.dtype = torch.float32,
+                 fixed_bias: Optional[torch.Tensor] = None):
         super().__init__()
         if not 1 <= k <= num_experts:
             raise ValueError(f"Router: k must be in [1, num_experts={num_experts}], got {k}")
@@ -63,30 +99,75 @@ class Router(nn.Module):
             self.register_buffer("bias", torch.zeros(num_experts, dtype=torch.float32))
         else:
             self.bias = None
+        if fixed_bias is not None:
+            if tuple(fixed_bias.shape) != (num_experts,):
+                raise ValueError(f"Router: fixed_bias must have shape [num_experts={num_experts}], "
+                                 f"got {tuple(fixed_bias.shape)}")
+            self.register_buffer("fixed_bias", fixed_bias.detach().to(torch.float32).clone())
+        else:
+            self.fixed_bias = None
+        # Load routed since the last update_bias(), [E] int64; not a buffer
+        # (see the class docstring). Created on the first training forward.
+        self.pending_load: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> RouterOutput:
         """x: [T, d_model]; mask: optional [T] bool (False = padding)."""
-        h = x.to(self.dtype)
-        if self.training and self.jitter > 0:
-            h = h * torch.empty_like(h).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = F.linear(h, self.weight.to(self.dtype))
-        if self.training and self.noise == "gaussian":
-            logits = logits + torch.randn_like(logits) / self.num_experts
-        elif self.training and self.noise == "learned":
-            logits = logits + torch.randn_like(logits) * F.softplus(F.linear(h, self.noise_weight))
+        # Selective precision: autocast would otherwise run this product in
+        # bfloat16/float16, and the router (and its z-loss) would see
+        # low-precision logits.
+        with _autocast_disabled(x.device.type):
+            h = x.to(self.dtype)
+            if self.training and self.jitter > 0:
+                h = h * torch.empty_like(h).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            logits = F.linear(h, self.weight.to(self.dtype))
+            if self.training and self.noise == "gaussian":
+                logits = logits + torch.randn_like(logits) / self.num_experts
+            elif self.training and self.noise == "learned":
+                logits = logits + torch.randn_like(logits) * F.softplus(
+                    F.linear(h, self.noise_weight.to(self.dtype)))
         routing = ops.route(logits, self.k, score=self.score, normalize=self.normalize,
-                            bias=self.bias, num_groups=self.num_groups,
+                            bias=self.selection_bias(), num_groups=self.num_groups,
                             topk_groups=self.topk_groups, scale=self.scale)
-        if self.training and self.bias is not None:
-            self._update_bias(routing.experts, mask)
+        if self.training and self.bias is not None and not _in_backward():
+            self._count_load(routing.experts, mask)
         return RouterOutput(*routing, logits)
 
+    def selection_bias(self) -> Optional[torch.Tensor]:
+        """The bias route() adds to the scores for selection: the updated
+        ``bias`` plus the ``fixed_bias``, whichever exist."""
+        if self.fixed_bias is None:
+            return self.bias
+        return self.fixed_bias if self.bias is None else self.bias + self.fixed_bias
+
     @torch.no_grad()
-    def _update_bias(self, experts: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-        counts = torch.ones_like(experts) if mask is None else mask[:, None].expand_as(experts).long()
-        load = torch.zeros(self.num_experts, dtype=torch.long, device=experts.device)
-        load.scatter_add_(0, experts.reshape(-1), counts.reshape(-1))
-        load = load.float()
+    def _count_load(self, experts: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        load = expert_load(experts, self.num_experts, mask)
+        if self.pending_load is None or self.pending_load.device != load.device:
+            self.pending_load = load
+        else:
+            self.pending_load = self.pending_load + load
+
+    @torch.no_grad()
+    def update_bias(self, group=None) -> None:
+        """Applies ``b_e += rate * sign(mean load - load_e)`` to the load
+        counted by the training forwards since the last call (all micro-batches
+        of a gradient-accumulation step), summed over ``group`` first when one
+        is given (a ``torch.distributed`` process group, e.g.
+        ``dist.group.WORLD`` under DDP), then clears the count. A no-op when
+        nothing was counted or ``bias_update_rate`` is 0. Collective when
+        ``group`` is given: every rank of it must call it."""
+        if self.bias is None:
+            return
+        load = self.pending_load
+        if load is None:
+            load = torch.zeros(self.num_experts, dtype=torch.long, device=self.bias.device)
+        if group is not None:
+            import torch.distributed as dist
+            load = load.clone()
+            dist.all_reduce(load, op=dist.ReduceOp.SUM, group=group)
+        self.pending_load = None
+        # No load counted: mean - load is 0 and the bias stays (no host sync).
+        load = load.to(self.bias.device, torch.float32)
         self.bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
 
     def extra_repr(self) -> str:
@@ -141,7 +222,14 @@ class MoE(nn.Module):
         (a differentiable scalar; add ``moe_routing.aux_loss(model)`` to the loss);
       * ``stats``: dict of detached tensors: ``load`` [E], ``kept`` [E],
         ``dropped_fraction``, ``router_entropy`` (mean over valid tokens, nats),
-        ``max_over_mean_load``.
+        ``max_over_mean_load``, and the unweighted ``balance_loss`` and
+        ``z_loss`` (to log, or to weight yourself).
+    A forward that activation checkpointing re-runs inside backward leaves
+    both as the first forward set them; ``torch.export`` of the layer skips
+    them (an inference graph). ``aux_loss`` is not carried by
+    ``copy.deepcopy`` or pickling (it holds the autograd graph).
+    With ``bias_update_rate`` > 0 call :meth:`update_bias` (or
+    ``moe_routing.update_bias(model)``) after ``optimizer.step()``.
 
     Routing:
       * ``routing="tokens"`` (default): each token picks its top-k experts.
@@ -185,10 +273,17 @@ class MoE(nn.Module):
         self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
         self.router = Router(d_model, num_experts, k, **router_options)
         self.experts = Experts(num_experts, d_model, d_hidden, activation)
+        self.d_model = d_model
         self.aux_loss: Optional[torch.Tensor] = None
         self.stats: dict = {}
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"MoE: x must have d_model={self.d_model} features in its last "
+                             f"dimension, got shape {tuple(x.shape)}")
+        if mask is not None and mask.shape != x.shape[:-1]:
+            raise ValueError(f"MoE: mask must have x's leading shape {tuple(x.shape[:-1])}, "
+                             f"got {tuple(mask.shape)}")
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         valid = None if mask is None else mask.reshape(-1)
@@ -198,23 +293,57 @@ class MoE(nn.Module):
             factor = self.eval_capacity_factor
         if self.routing == "experts":
             y, load, kept, dropped = self._expert_choice(tokens, r.scores, factor, valid)
-            balance = torch.zeros((), device=x.device)
         else:
             y, load, kept, dropped = self._token_choice(tokens, r, factor, valid)
-            balance = ops.load_balancing_loss(r.scores, r.experts, mask=valid)
-        self.aux_loss = (self.aux_loss_weight * balance
-                         + self.z_loss_weight * ops.z_loss(r.logits, mask=valid))
+        if _is_exporting():  # an inference graph needs neither losses nor statistics
+            return y.view(shape)
+        balance = (torch.zeros((), device=x.device) if self.routing == "experts"
+                   else ops.load_balancing_loss(r.scores, r.experts, mask=valid))
+        z = ops.z_loss(r.logits, mask=valid)
+        aux = self.aux_loss_weight * balance + self.z_loss_weight * z
+        if _in_backward():
+            # A checkpointing recompute: it must save the tensors the first
+            # forward saved (so it computes the losses), but the first
+            # forward's aux_loss and statistics stay.
+            return y.view(shape)
+        if self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            warnings.warn(
+                "MoE: training-mode forward with gradients disabled: aux_loss has no gradient. "
+                "Under torch.utils.checkpoint(use_reentrant=True) the auxiliary losses are "
+                "silently lost; use use_reentrant=False.", stacklevel=2)
+        self.aux_loss = aux
         self.stats = routing_stats(r.scores.detach(), load, kept, dropped, valid)
+        self.stats["balance_loss"] = balance.detach()
+        self.stats["z_loss"] = z.detach()
         return y.view(shape)
+
+    def update_bias(self, group=None) -> None:
+        """Applies the auxiliary-loss-free bias update for the load routed
+        since the last call (see :meth:`Router.update_bias`); call it after
+        ``optimizer.step()``. ``group``: a process group to sum the load over
+        first (e.g. ``dist.group.WORLD`` under DDP), so every rank holds the
+        same bias."""
+        self.router.update_bias(group)
+
+    def __getstate__(self):
+        # aux_loss holds the autograd graph of the last forward, which
+        # copy.deepcopy and pickle refuse: a copy starts without it.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["aux_loss"] = None
+        return state
 
     def _token_choice(self, tokens, r: RouterOutput, factor, valid):
         E, k, H = self.num_experts, self.k, tokens.shape[-1]
+        # "batch" ranks tokens by their raw top-1 probability (V-MoE,
+        # NLLB-MoE), not by the renormalised weight p1 / (p1 + p2).
+        priority_weights = r.scores.gather(1, r.experts) if self.priority == "batch" else r.weights
         if factor is None:  # dropless: the packed layout and grouped matrix products
-            p = ops.plan(r.experts, E, None, weights=r.weights, priority=self.priority, mask=valid)
+            p = ops.plan(r.experts, E, None, weights=priority_weights, priority=self.priority, mask=valid)
             out = self.experts.forward_packed(ops.dispatch(tokens, p.slots, tokens.shape[0] * k), p.kept)
         else:
             C = ops.capacity(tokens.shape[0], E, k, factor, self.min_capacity)
-            p = ops.plan(r.experts, E, C, weights=r.weights, priority=self.priority, mask=valid)
+            p = ops.plan(r.experts, E, C, weights=priority_weights, priority=self.priority, mask=valid)
             buffer = ops.dispatch(tokens, p.slots, E * C).view(E, C, H)
             out = self.experts(buffer).view(E * C, H)
         y = ops.combine(out, p.slots, r.weights)
@@ -252,6 +381,19 @@ def routing_stats(scores: torch.Tensor, load: torch.Tensor, kept: torch.Tensor,
         "router_entropy": mean_entropy.float(),
         "max_over_mean_load": load_f.max() / load_f.mean().clamp_min(1e-30),
     }
+
+
+def update_bias(model: nn.Module, group=None) -> None:
+    """Calls :meth:`MoE.update_bias` on every MoE layer of ``model`` (after
+    ``optimizer.step()``)."""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.update_bias(group)
+
+
+def _is_exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

@@ -6,6 +6,7 @@ specification of each op is in :mod:`moe_routing.reference`.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -127,8 +128,33 @@ def capacity(
     The factor is taken as an exact fraction to 1e-6 (so 1.1 means 11/10 and
     ``capacity(10, 1, 1, 1.1)`` is 11, not the 12 that float rounding gives).
     Works on SymInt token counts under torch.compile.
+
+    Under torch.compile this computes the same integer arithmetic in Python
+    (the op returns an int, which Dynamo cannot put in a graph with static
+    shapes): a constant for a static token count, a SymInt expression for a
+    dynamic one, and no graph break either way. Eager calls run the op.
     """
+    if torch.compiler.is_compiling():
+        return _capacity_traced(num_tokens, num_experts, k, capacity_factor, min_capacity)
     return _ops.capacity(num_tokens, num_experts, k, capacity_factor, min_capacity)
+
+
+def _capacity_traced(num_tokens, num_experts: int, k: int, capacity_factor: float,
+                     min_capacity: int):
+    """The capacity op's arithmetic (csrc/ops.cpp) for Dynamo to trace; Python
+    integers cannot overflow, so only the argument checks are repeated."""
+    if not (num_experts >= 1 and 1 <= k <= num_experts and 0 < capacity_factor <= 1e6
+            and min_capacity >= 0):
+        raise ValueError(
+            "moe_routing::capacity: needs num_experts >= 1, k in [1, num_experts], "
+            f"capacity_factor in (0, 1e6] and min_capacity >= 0, got num_experts={num_experts}, "
+            f"k={k}, capacity_factor={capacity_factor}, min_capacity={min_capacity}")
+    torch._check(num_tokens >= 0, lambda: "moe_routing::capacity: num_tokens must be >= 0")
+    denominator = 1_000_000
+    numerator = math.floor(capacity_factor * denominator + 0.5)  # llround for positives
+    divisor = denominator * num_experts
+    rows = (num_tokens * (numerator * k) + (divisor - 1)) // divisor
+    return torch.sym_min(torch.sym_max(rows, min_capacity), num_tokens)
 
 
 def dispatch(x: torch.Tensor, slots: torch.Tensor, num_rows: Union[int, torch.SymInt]) -> torch.Tensor:

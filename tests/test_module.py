@@ -38,7 +38,9 @@ def reference_moe(moe: mr.MoE, x: torch.Tensor, mask=None):
         kept = (ec_tokens >= 0).sum(1)
         return y.view(x.shape), aux, kept, kept
     C = None if factor is None else ref.capacity(T, E, k, factor, moe.min_capacity)
-    slots, load, kept = ref.plan(experts, E, C, weights=weights, priority=moe.priority, mask=valid)
+    # "batch" ranks by the raw top-1 probability (V-MoE, NLLB-MoE).
+    by = scores.gather(1, experts) if moe.priority == "batch" else weights
+    slots, load, kept = ref.plan(experts, E, C, weights=by, priority=moe.priority, mask=valid)
     y = torch.zeros_like(tokens)
     for t in range(T):
         for j in range(k):
@@ -81,6 +83,23 @@ def test_gradients_match_reference_moe(factor, routing):
     grads_ref = [x.grad] + [p.grad for p in moe.parameters()]
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_priority_ranks_by_raw_top1_probability_like_nllb_moe():
+    """Hand case: token A has p1=0.4744, p2=0.4224; token B p1=0.4304,
+    p2=0.3568, both with expert 0 first and expert 1 second, capacity 1.
+    V-MoE and NLLB-MoE rank by p1, so A keeps both experts and B is dropped;
+    ranking by the renormalised p1/(p1+p2) (0.529 < 0.547) would do the
+    opposite."""
+    probs = torch.tensor([[0.4744, 0.4224, 0.1032], [0.4304, 0.3568, 0.2128]])
+    moe = mr.MoE(3, 4, 3, 2, capacity_factor=0.75, min_capacity=1, priority="batch")
+    assert mr.capacity(2, 3, 2, 0.75, 1) == 1
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(3))  # logits = x, so softmax(x) = probs
+    y = moe(probs.log())
+    assert y[0].abs().sum() > 0
+    assert torch.equal(y[1], torch.zeros(3))
+    assert moe.stats["kept"].tolist() == [1, 1, 0]
 
 
 def test_padding_tokens_get_zeros_and_are_excluded():
@@ -151,13 +170,28 @@ def test_bias_update_moves_toward_underloaded_experts():
         router.weight[0, 0] = 10.0  # every token with x0 > 0 prefers expert 0
     x = torch.randn(64, 4).abs()
     experts = router(x).experts
+    assert torch.equal(router.bias, torch.zeros(4))  # forward never moves the bias
+    router.update_bias()
     load = torch.bincount(experts.flatten(), minlength=4).float()
     torch.testing.assert_close(router.bias, 0.1 * torch.sign(load.mean() - load))
     assert router.bias[0] < 0
     router.eval()
     before = router.bias.clone()
     router(x)
-    assert torch.equal(router.bias, before)  # no update in eval
+    router.update_bias()
+    assert torch.equal(router.bias, before)  # eval forwards count no load
+
+
+def test_bias_update_sums_the_micro_batches_since_the_last_call():
+    router = mr.Router(4, 4, 1, bias_update_rate=0.5)
+    first = router(torch.randn(5, 4)).experts
+    second = router(torch.randn(9, 4)).experts
+    load = torch.bincount(torch.cat([first, second]).flatten(), minlength=4).float()
+    router.update_bias()
+    torch.testing.assert_close(router.bias, 0.5 * torch.sign(load.mean() - load))
+    before = router.bias.clone()
+    router.update_bias()  # nothing counted since: no change
+    assert torch.equal(router.bias, before)
 
 
 def test_auxiliary_loss_free_balancing_reduces_imbalance():
@@ -176,8 +210,10 @@ def test_auxiliary_loss_free_balancing_reduces_imbalance():
             return float(load.max() / load.mean())
 
         before = imbalance(router(data[0]).experts)
+        router.update_bias()  # (starts from the first batch's load)
         for step in range(300):
             router(data[step])
+            router.update_bias()
         router.eval()
         after = imbalance(router(data[0]).experts)
         assert before > 2.5, (score, before)
@@ -194,6 +230,7 @@ def test_bias_update_excludes_padding():
     x = torch.randn(6, 4)
     mask = torch.tensor([True, True, True, False, False, False])
     experts = router(x, mask).experts
+    router.update_bias()
     load = torch.bincount(experts[mask].flatten(), minlength=4).float()
     torch.testing.assert_close(router.bias, torch.sign(load.mean() - load))
 
@@ -226,7 +263,8 @@ def test_aux_loss_sums_over_layers():
 def test_stats_are_tensors_without_grad():
     moe = mr.MoE(8, 16, 4, 2)
     moe(torch.randn(33, 8))
-    assert set(moe.stats) == {"load", "kept", "dropped_fraction", "router_entropy", "max_over_mean_load"}
+    assert set(moe.stats) == {"load", "kept", "dropped_fraction", "router_entropy",
+                              "max_over_mean_load", "balance_loss", "z_loss"}
     for v in moe.stats.values():
         assert isinstance(v, torch.Tensor) and not v.requires_grad
     assert 0 < moe.stats["router_entropy"] <= torch.log(torch.tensor(4.0)) + 1e-6
@@ -316,4 +354,8 @@ def test_compile_training_router_with_bias_update():
     compiled = torch.compile(moe, fullgraph=True, dynamic=True)
     x = torch.randn(50, 8)
     compiled(x).sum().backward()
+    eager_load = mr.expert_load(mr.route(torch.nn.functional.linear(x, moe.router.weight), 2,
+                                         score="sigmoid", num_groups=2, topk_groups=2).experts, 4)
+    assert torch.equal(moe.router.pending_load, eager_load)  # counted once, by the compiled forward
+    moe.update_bias()
     assert moe.router.bias.abs().sum() > 0
