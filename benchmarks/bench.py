@@ -1,4 +1,4 @@
-"""Routing benchmarks (DESIGN.md section 7): each op, its backward and the
+"""Routing benchmarks: each op, its backward and the
 whole route+plan+dispatch+combine pipeline, against, in the same process:
   (a) eager: the fastest pure-PyTorch formulation (benchmarks/baseline.py),
   (b) compiled: the same under torch.compile,
