@@ -243,8 +243,13 @@ class MoE(nn.Module):
         capacity_factor, min_capacity); no load-balancing loss is needed (the
         z-loss still applies); ``load``/``kept`` count each expert's tokens and
         ``dropped_fraction`` is the share of valid tokens no expert took.
+    ``shared_hidden``: a shared expert, a dense FFN of that width (same
+    activation) run on every token and added to the routed output (DeepSeek,
+    Qwen2-MoE, Llama 4); ``shared_gate=True`` scales it per token by
+    ``sigmoid(x w)`` (Qwen2-MoE). Padding tokens get its output too (their
+    outputs are ignored anyway).
     ``router_options`` go to :class:`Router` (score, normalize, jitter, noise,
-    bias_update_rate, num_groups, ...).
+    bias_update_rate, fixed_bias, num_groups, ...).
     """
 
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int = 1, *,
@@ -252,7 +257,8 @@ class MoE(nn.Module):
                  eval_capacity_factor: Optional[float] = None, min_capacity: int = 4,
                  priority: str = "choice", aux_loss_weight: float = 0.01,
                  z_loss_weight: float = 0.001, routing: str = "tokens",
-                 activation: str = "gelu", **router_options):
+                 activation: str = "gelu", shared_hidden: Optional[int] = None,
+                 shared_gate: bool = False, **router_options):
         super().__init__()
         if routing not in ("tokens", "experts"):
             raise ValueError(f"MoE: routing must be 'tokens' or 'experts', got {routing!r}")
@@ -274,6 +280,15 @@ class MoE(nn.Module):
         self.router = Router(d_model, num_experts, k, **router_options)
         self.experts = Experts(num_experts, d_model, d_hidden, activation)
         self.d_model = d_model
+        if shared_gate and shared_hidden is None:
+            raise ValueError("MoE: shared_gate needs a shared expert (shared_hidden)")
+        # Shared expert (DeepSeek-V2/V3, Qwen2-MoE, Llama 4): one dense FFN of
+        # width shared_hidden that every token passes through, its output
+        # added to the routed one; with shared_gate scaled by sigmoid(x w_gate)
+        # per token (Qwen2-MoE).
+        self.shared_expert = (Experts(1, d_model, shared_hidden, activation)
+                              if shared_hidden is not None else None)
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_gate else None
         self.aux_loss: Optional[torch.Tensor] = None
         self.stats: dict = {}
 
@@ -295,6 +310,11 @@ class MoE(nn.Module):
             y, load, kept, dropped = self._expert_choice(tokens, r.scores, factor, valid)
         else:
             y, load, kept, dropped = self._token_choice(tokens, r, factor, valid)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(tokens[None])[0]
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(tokens)) * shared
+            y = y + shared
         if _is_exporting():  # an inference graph needs neither losses nor statistics
             return y.view(shape)
         balance = (torch.zeros((), device=x.device) if self.routing == "experts"

@@ -1,0 +1,171 @@
+"""Hugging Face interop: turn a transformers MoE block into a :class:`MoE`
+with the same weights and routing, or swap every supported block of a loaded
+model in place.
+
+    import moe_routing.hf as mrhf
+    moe = mrhf.from_hf(model.model.layers[0].mlp)   # a MoE computing the same function
+    handle = mrhf.patch(model)                      # every supported block swapped
+    ...
+    handle.undo()                                   # the original blocks are back
+
+transformers is an optional dependency: this module imports nothing from it.
+Supported blocks (transformers 5.x layout: a ``gate`` router with ``weight``
+[E, H] and ``top_k``, ``experts`` with ``gate_up_proj`` [E, 2F, H] and
+``down_proj`` [E, H, F], SiLU gating):
+
+============================  ==========================================================
+block                         what is carried over
+============================  ==========================================================
+MixtralSparseMoeBlock         softmax top-k, weights renormalised
+Qwen3MoeSparseMoeBlock        softmax top-k, ``norm_topk_prob``
+OlmoeSparseMoeBlock           softmax top-k, ``norm_topk_prob``
+Qwen2MoeSparseMoeBlock        softmax top-k, ``norm_topk_prob``, sigmoid-gated shared expert
+DeepseekV3MoE                 sigmoid scores, ``e_score_correction_bias`` as ``fixed_bias``,
+                              group-limited selection (``n_group``, ``topk_group``),
+                              ``norm_topk_prob``, ``routed_scaling_factor``, shared experts
+============================  ==========================================================
+
+The result is dropless (``capacity_factor=None``: Hugging Face drops nothing)
+and has ``aux_loss_weight = z_loss_weight = 0``: the model's own loss options
+are left to the caller (``moe_routing.aux_loss(model)`` after setting the
+weights you want; Hugging Face's Mixtral-style loss is k times ours, see the
+README). Mixtral's ``router_jitter_noise`` (0 by default) is not carried over.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .layers import MoE
+
+SUPPORTED = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock",
+             "Qwen2MoeSparseMoeBlock", "DeepseekV3MoE")
+
+
+def _shared_mlp(block) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
+    """The block's shared expert (an MLP with gate/up/down projections) and
+    its gate, whichever exist."""
+    shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
+    return shared, getattr(block, "shared_expert_gate", None)
+
+
+def _check_silu(module, what: str) -> None:
+    act = getattr(module, "act_fn", None)
+    if act is not None and not isinstance(act, nn.SiLU) and type(act).__name__ != "SiLUActivation":
+        raise ValueError(f"moe_routing.hf: {what} uses {type(act).__name__}; only SiLU-gated "
+                         "(SwiGLU) experts are supported")
+
+
+def from_hf(block: nn.Module, **overrides) -> MoE:
+    """A :class:`MoE` that computes what ``block`` computes, with its weights
+    copied (not shared) and on its device and dtype. ``overrides`` go to the
+    MoE constructor (e.g. ``capacity_factor=1.25`` to train with drops,
+    ``aux_loss_weight=0.01``)."""
+    name = type(block).__name__
+    gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
+    if name not in SUPPORTED or gate is None or not hasattr(experts, "gate_up_proj"):
+        raise ValueError(f"moe_routing.hf.from_hf: unsupported block {name}; supported: "
+                         f"{', '.join(SUPPORTED)}")
+    _check_silu(experts, f"{name}.experts")
+    E, H = gate.weight.shape
+    F_hidden = experts.down_proj.shape[-1]
+    dtype, device = experts.gate_up_proj.dtype, experts.gate_up_proj.device
+    options = dict(capacity_factor=None, activation="swiglu", aux_loss_weight=0.0,
+                   z_loss_weight=0.0,
+                   # float64 models route in float64 (so tests can compare
+                   # exactly); everything else in float32.
+                   dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    if hasattr(gate, "e_score_correction_bias"):  # DeepSeek-V3
+        options.update(score="sigmoid", normalize=bool(gate.norm_topk_prob),
+                       num_groups=gate.num_group, topk_groups=gate.topk_group,
+                       scale=float(gate.routed_scaling_factor),
+                       fixed_bias=gate.e_score_correction_bias.detach())
+    else:
+        options.update(score="softmax", normalize=bool(getattr(gate, "norm_topk_prob", True)))
+    shared, shared_gate = _shared_mlp(block)
+    if shared is not None:
+        _check_silu(shared, f"{name} shared expert")
+        options.update(shared_hidden=shared.down_proj.weight.shape[1],
+                       shared_gate=shared_gate is not None)
+    options.update(overrides)
+    moe = MoE(H, F_hidden, E, gate.top_k, **options).to(device)
+    with torch.no_grad():
+        moe.router.weight.copy_(gate.weight)
+        moe.experts.w_in.copy_(experts.gate_up_proj.transpose(1, 2))
+        moe.experts.w_out.copy_(experts.down_proj.transpose(1, 2))
+        if shared is not None:
+            moe.shared_expert.w_in.copy_(torch.cat([shared.gate_proj.weight.t(),
+                                                    shared.up_proj.weight.t()], 1)[None])
+            moe.shared_expert.w_out.copy_(shared.down_proj.weight.t()[None])
+        if shared_gate is not None:
+            moe.shared_gate.weight.copy_(shared_gate.weight)
+    # The router stays in its routing dtype; experts compute in the block's.
+    for part in (moe.experts, moe.shared_expert, moe.shared_gate):
+        if part is not None:
+            part.to(dtype)
+    return moe.train(block.training)
+
+
+class MaskedMoE(nn.Module):
+    """What :func:`patch` puts in a block's place: the :class:`MoE` (as
+    ``.moe``), called with the padding mask of the model's current forward
+    (its ``attention_mask``, the last S columns when a KV cache makes it
+    longer than the S new tokens), so padding is routed nowhere."""
+
+    def __init__(self, moe: MoE, mask_of_call: Callable[[], Optional[torch.Tensor]]):
+        super().__init__()
+        self.moe = moe
+        self._mask_of_call = mask_of_call
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mask = self._mask_of_call()
+        if mask is not None and hidden_states.dim() == 3 and mask.dim() == 2 \
+                and mask.shape[0] == hidden_states.shape[0] \
+                and mask.shape[1] >= hidden_states.shape[1]:
+            mask = mask[:, mask.shape[1] - hidden_states.shape[1]:].bool()
+        else:
+            mask = None
+        return self.moe(hidden_states, mask)
+
+
+class PatchHandle:
+    """Returned by :func:`patch`: ``blocks`` lists (qualified name, original
+    block, replacement); :meth:`undo` puts the originals back."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.blocks: List[Tuple[str, nn.Module, MaskedMoE]] = []
+        self._hook = None
+
+    def undo(self) -> None:
+        for qualified, original, _ in self.blocks:
+            parent, _, attr = qualified.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, attr, original)
+        if self._hook is not None:
+            self._hook.remove()
+        self.blocks, self._hook = [], None
+
+
+def patch(model: nn.Module, **overrides) -> PatchHandle:
+    """Swaps every supported MoE block of ``model`` for a :class:`MoE` made by
+    :func:`from_hf` (``overrides`` go to each), in place, and plumbs the
+    model's ``attention_mask`` into routing: padding tokens are routed
+    nowhere and counted in no load or loss. The model keeps working with
+    ``generate()`` and a KV cache. Returns a :class:`PatchHandle`; its
+    ``undo()`` restores the original blocks (their own, untouched weights)."""
+    handle = PatchHandle(model)
+    current = {}
+
+    def remember_mask(_module, args, kwargs):
+        current["mask"] = kwargs.get("attention_mask")
+
+    targets = [(n, m) for n, m in model.named_modules() if type(m).__name__ in SUPPORTED]
+    for qualified, block in targets:
+        replacement = MaskedMoE(from_hf(block, **overrides), lambda: current.get("mask"))
+        parent, _, attr = qualified.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, replacement)
+        handle.blocks.append((qualified, block, replacement))
+    handle._hook = model.register_forward_pre_hook(remember_mask, with_kwargs=True)
+    return handle

@@ -1,0 +1,133 @@
+"""moe_routing.hf against Hugging Face's own MoE blocks on identical inputs:
+tiny random models built from configs (no download), float32, Hugging Face's
+default experts implementation (grouped_mm, which has no float64)."""
+import copy
+
+import pytest
+import torch
+
+import moe_routing as mr
+import moe_routing.hf as mrhf
+
+transformers = pytest.importorskip("transformers")  # installed by `make test`
+
+COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)
+
+
+def tiny(family):
+    """A float32 causal LM of ``family`` with random weights (the router and
+    the bias too, so that routing is not trivial)."""
+    torch.manual_seed(0)
+    if family == "mixtral":
+        config = transformers.MixtralConfig(intermediate_size=48, num_local_experts=4,
+                                            num_experts_per_tok=2, **COMMON)
+        model = transformers.MixtralForCausalLM(config)
+    elif family == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(moe_intermediate_size=24, intermediate_size=48,
+                                             num_experts=8, num_experts_per_tok=2,
+                                             norm_topk_prob=True, head_dim=8, **COMMON)
+        model = transformers.Qwen3MoeForCausalLM(config)
+    elif family == "olmoe":
+        config = transformers.OlmoeConfig(intermediate_size=24, num_experts=8,
+                                          num_experts_per_tok=3, **COMMON)
+        model = transformers.OlmoeForCausalLM(config)
+    elif family == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(moe_intermediate_size=24, intermediate_size=48,
+                                             shared_expert_intermediate_size=40, num_experts=6,
+                                             num_experts_per_tok=2, norm_topk_prob=False,
+                                             **COMMON)
+        model = transformers.Qwen2MoeForCausalLM(config)
+    elif family == "deepseek_v3":
+        config = transformers.DeepseekV3Config(
+            intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+            num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
+            first_k_dense_replace=0, routed_scaling_factor=2.5, norm_topk_prob=True,
+            q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+            v_head_dim=8, **{**COMMON, "num_key_value_heads": 4})  # MLA: no grouped KV
+        model = transformers.DeepseekV3ForCausalLM(config)
+    else:
+        raise AssertionError(family)
+    model = model.eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ in mrhf.SUPPORTED:
+                module.gate.weight.normal_(std=0.5)
+                if hasattr(module.gate, "e_score_correction_bias"):
+                    module.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
+                if hasattr(module, "shared_expert_gate"):
+                    module.shared_expert_gate.weight.normal_(std=0.5)
+    return model
+
+
+FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3"]
+
+
+def blocks(model):
+    return [m for m in model.modules() if type(m).__name__ in mrhf.SUPPORTED]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_from_hf_block_equals_the_block_outputs_and_gradients(family):
+    block = blocks(tiny(family))[0]
+    moe = mrhf.from_hf(block)
+    x = torch.randn(3, 10, 32, requires_grad=True)
+    expected = block(x)
+    got = moe(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(expected)
+    grad_x_hf, grad_router_hf, grad_up_hf, grad_down_hf = torch.autograd.grad(
+        expected, [x, block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj], g)
+    grad_x, grad_router, grad_in, grad_out = torch.autograd.grad(
+        got, [x, moe.router.weight, moe.experts.w_in, moe.experts.w_out], g)
+    torch.testing.assert_close(grad_x, grad_x_hf, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_router, grad_router_hf, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_in, grad_up_hf.transpose(1, 2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_out, grad_down_hf.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patch_keeps_logits_gradients_and_generate(family):
+    original = tiny(family)
+    model = copy.deepcopy(original)
+    handle = mrhf.patch(model)
+    assert len(handle.blocks) == len(blocks(original)) == 2
+    assert all(isinstance(new.moe, mr.MoE) for _, _, new in handle.blocks)
+
+    ids = torch.randint(0, 64, (2, 9))
+    out_hf = original(input_ids=ids, labels=ids)
+    out = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.logits, out_hf.logits, rtol=1e-5, atol=1e-5)
+    out_hf.loss.backward()
+    out.loss.backward()
+    torch.testing.assert_close(model.get_input_embeddings().weight.grad,
+                               original.get_input_embeddings().weight.grad, rtol=1e-5, atol=1e-6)
+
+    # Left-padded greedy generation with a KV cache: padding is routed
+    # nowhere, and the real tokens' continuations are the same.
+    prompt = torch.randint(1, 64, (2, 6))
+    mask = torch.ones_like(prompt)
+    prompt[0, :2], mask[0, :2] = 0, 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    expected = original.generate(prompt, **kwargs)
+    assert torch.equal(model.generate(prompt, **kwargs), expected)
+
+    handle.undo()
+    assert not blocks(model) == [] and len(blocks(model)) == 2
+    torch.testing.assert_close(model(input_ids=ids).logits, out_hf.logits, rtol=0, atol=0)
+
+
+def test_patch_routes_padding_nowhere():
+    model = tiny("mixtral")
+    handle = mrhf.patch(model)
+    ids = torch.randint(0, 64, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    model(input_ids=ids, attention_mask=mask)
+    moe = handle.blocks[0][2].moe
+    assert int(moe.stats["load"].sum()) == 2 * int(mask.sum())  # k = 2 per valid token
+
+
+def test_from_hf_rejects_an_unsupported_block():
+    with pytest.raises(ValueError, match="moe_routing.hf.from_hf: unsupported block Linear"):
+        mrhf.from_hf(torch.nn.Linear(2, 2))
