@@ -23,6 +23,9 @@ Qwen2MoeSparseMoeBlock        softmax top-k, ``norm_topk_prob``, sigmoid-gated s
 DeepseekV3MoE                 sigmoid scores, ``e_score_correction_bias`` as ``fixed_bias``,
                               group-limited selection (``n_group``, ``topk_group``),
                               ``norm_topk_prob``, ``routed_scaling_factor``, shared experts
+Llama4TextMoe                 top-k of the logits, sigmoid weights applied to the expert's
+                              input (``scale_inputs``), shared expert; its experts store
+                              ``gate_up_proj`` [E, H, 2F] and ``down_proj`` [E, F, H]
 ============================  ==========================================================
 
 The result is dropless (``capacity_factor=None``: Hugging Face drops nothing)
@@ -41,18 +44,21 @@ from torch import nn
 from .layers import MoE
 
 SUPPORTED = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock",
-             "Qwen2MoeSparseMoeBlock", "DeepseekV3MoE")
+             "Qwen2MoeSparseMoeBlock", "DeepseekV3MoE", "Llama4TextMoe")
+# Blocks whose forward returns (hidden_states, router_logits).
+_RETURNS_TUPLE = ("Llama4TextMoe",)
 
 
 def _shared_mlp(block) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
     """The block's shared expert (an MLP with gate/up/down projections) and
     its gate, whichever exist."""
-    shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
+    shared = getattr(block, "shared_expert", None)
+    shared = shared if shared is not None else getattr(block, "shared_experts", None)
     return shared, getattr(block, "shared_expert_gate", None)
 
 
 def _check_silu(module, what: str) -> None:
-    act = getattr(module, "act_fn", None)
+    act = getattr(module, "act_fn", getattr(module, "activation_fn", None))
     if act is not None and not isinstance(act, nn.SiLU) and type(act).__name__ != "SiLUActivation":
         raise ValueError(f"moe_routing.hf: {what} uses {type(act).__name__}; only SiLU-gated "
                          "(SwiGLU) experts are supported")
@@ -64,13 +70,19 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
     MoE constructor (e.g. ``capacity_factor=1.25`` to train with drops,
     ``aux_loss_weight=0.01``)."""
     name = type(block).__name__
-    gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
+    llama4 = name == "Llama4TextMoe"
+    gate = getattr(block, "router" if llama4 else "gate", None)
+    experts = getattr(block, "experts", None)
     if name not in SUPPORTED or gate is None or not hasattr(experts, "gate_up_proj"):
         raise ValueError(f"moe_routing.hf.from_hf: unsupported block {name}; supported: "
                          f"{', '.join(SUPPORTED)}")
     _check_silu(experts, f"{name}.experts")
     E, H = gate.weight.shape
-    F_hidden = experts.down_proj.shape[-1]
+    # Llama 4 stores the expert weights as [E, H, 2F] / [E, F, H] (ours);
+    # the others as nn.Linear weights, [E, 2F, H] / [E, H, F].
+    w_in = experts.gate_up_proj if llama4 else experts.gate_up_proj.transpose(1, 2)
+    w_out = experts.down_proj if llama4 else experts.down_proj.transpose(1, 2)
+    F_hidden = w_out.shape[1]
     dtype, device = experts.gate_up_proj.dtype, experts.gate_up_proj.device
     options = dict(capacity_factor=None, activation="swiglu", aux_loss_weight=0.0,
                    z_loss_weight=0.0,
@@ -82,6 +94,8 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
                        num_groups=gate.num_group, topk_groups=gate.topk_group,
                        scale=float(gate.routed_scaling_factor),
                        fixed_bias=gate.e_score_correction_bias.detach())
+    elif llama4:  # top-k of the logits = top-k of their sigmoid
+        options.update(score="sigmoid", normalize=False, scale_inputs=True)
     else:
         options.update(score="softmax", normalize=bool(getattr(gate, "norm_topk_prob", True)))
     shared, shared_gate = _shared_mlp(block)
@@ -93,8 +107,8 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
     moe = MoE(H, F_hidden, E, gate.top_k, **options).to(device)
     with torch.no_grad():
         moe.router.weight.copy_(gate.weight)
-        moe.experts.w_in.copy_(experts.gate_up_proj.transpose(1, 2))
-        moe.experts.w_out.copy_(experts.down_proj.transpose(1, 2))
+        moe.experts.w_in.copy_(w_in)
+        moe.experts.w_out.copy_(w_out)
         if shared is not None:
             moe.shared_expert.w_in.copy_(torch.cat([shared.gate_proj.weight.t(),
                                                     shared.up_proj.weight.t()], 1)[None])
@@ -114,10 +128,12 @@ class MaskedMoE(nn.Module):
     (its ``attention_mask``, the last S columns when a KV cache makes it
     longer than the S new tokens), so padding is routed nowhere."""
 
-    def __init__(self, moe: MoE, mask_of_call: Callable[[], Optional[torch.Tensor]]):
+    def __init__(self, moe: MoE, mask_of_call: Callable[[], Optional[torch.Tensor]],
+                 returns_tuple: bool = False):
         super().__init__()
         self.moe = moe
         self._mask_of_call = mask_of_call
+        self.returns_tuple = returns_tuple  # the replaced block returned (out, router_logits)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         mask = self._mask_of_call()
@@ -127,7 +143,8 @@ class MaskedMoE(nn.Module):
             mask = mask[:, mask.shape[1] - hidden_states.shape[1]:].bool()
         else:
             mask = None
-        return self.moe(hidden_states, mask)
+        out = self.moe(hidden_states, mask)
+        return (out, None) if self.returns_tuple else out
 
 
 class PatchHandle:
@@ -163,7 +180,8 @@ def patch(model: nn.Module, **overrides) -> PatchHandle:
 
     targets = [(n, m) for n, m in model.named_modules() if type(m).__name__ in SUPPORTED]
     for qualified, block in targets:
-        replacement = MaskedMoE(from_hf(block, **overrides), lambda: current.get("mask"))
+        replacement = MaskedMoE(from_hf(block, **overrides), lambda: current.get("mask"),
+                                type(block).__name__ in _RETURNS_TUPLE)
         parent, _, attr = qualified.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, replacement)
         handle.blocks.append((qualified, block, replacement))

@@ -248,6 +248,11 @@ class MoE(nn.Module):
     Qwen2-MoE, Llama 4); ``shared_gate=True`` scales it per token by
     ``sigmoid(x w)`` (Qwen2-MoE). Padding tokens get its output too (their
     outputs are ignored anyway).
+    ``scale_inputs=True`` (Llama 4): expert e runs on ``x * w_e`` and its
+    output is added unweighted, instead of ``w_e * expert_e(x)``.
+    ``renormalize_after_drop=True`` (NLLB-MoE): after the capacity cut, the
+    weights of a token's surviving choices are divided by their sum (clamped
+    at float32 eps, so a fully dropped token gets zeros).
     ``router_options`` go to :class:`Router` (score, normalize, jitter, noise,
     bias_update_rate, fixed_bias, num_groups, ...).
     """
@@ -258,7 +263,8 @@ class MoE(nn.Module):
                  priority: str = "choice", aux_loss_weight: float = 0.01,
                  z_loss_weight: float = 0.001, routing: str = "tokens",
                  activation: str = "gelu", shared_hidden: Optional[int] = None,
-                 shared_gate: bool = False, **router_options):
+                 shared_gate: bool = False, scale_inputs: bool = False,
+                 renormalize_after_drop: bool = False, **router_options):
         super().__init__()
         if routing not in ("tokens", "experts"):
             raise ValueError(f"MoE: routing must be 'tokens' or 'experts', got {routing!r}")
@@ -280,6 +286,9 @@ class MoE(nn.Module):
         self.router = Router(d_model, num_experts, k, **router_options)
         self.experts = Experts(num_experts, d_model, d_hidden, activation)
         self.d_model = d_model
+        if (scale_inputs or renormalize_after_drop) and routing != "tokens":
+            raise ValueError("MoE: scale_inputs and renormalize_after_drop need routing='tokens'")
+        self.scale_inputs, self.renormalize_after_drop = scale_inputs, renormalize_after_drop
         if shared_gate and shared_hidden is None:
             raise ValueError("MoE: shared_gate needs a shared expert (shared_hidden)")
         # Shared expert (DeepSeek-V2/V3, Qwen2-MoE, Llama 4): one dense FFN of
@@ -354,21 +363,39 @@ class MoE(nn.Module):
         return state
 
     def _token_choice(self, tokens, r: RouterOutput, factor, valid):
-        E, k, H = self.num_experts, self.k, tokens.shape[-1]
+        E, k, T = self.num_experts, self.k, tokens.shape[0]
         # "batch" ranks tokens by their raw top-1 probability (V-MoE,
         # NLLB-MoE), not by the renormalised weight p1 / (p1 + p2).
         priority_weights = r.scores.gather(1, r.experts) if self.priority == "batch" else r.weights
-        if factor is None:  # dropless: the packed layout and grouped matrix products
-            p = ops.plan(r.experts, E, None, weights=priority_weights, priority=self.priority, mask=valid)
-            out = self.experts.forward_packed(ops.dispatch(tokens, p.slots, tokens.shape[0] * k), p.kept)
+        C = None if factor is None else ops.capacity(T, E, k, factor, self.min_capacity)
+        p = ops.plan(r.experts, E, C, weights=priority_weights, priority=self.priority, mask=valid)
+        num_rows = T * k if C is None else E * C
+        weights = r.weights
+        if self.renormalize_after_drop:  # NLLB-MoE: the surviving choices' weights sum to 1
+            kept = torch.where(p.slots >= 0, weights, torch.zeros_like(weights))
+            eps = torch.finfo(weights.dtype).eps
+            weights = kept / kept.sum(-1, keepdim=True).clamp_min(eps)
+        rows = ops.dispatch(tokens, p.slots, num_rows)
+        if self.scale_inputs:
+            # Llama 4: expert e sees x * w; its output is summed unweighted.
+            rows = rows * self._row_weights(weights, p.slots, num_rows).to(rows.dtype)
+            weights = (p.slots >= 0).to(weights.dtype)
+        if C is None:  # dropless: the packed layout and grouped matrix products
+            out = self.experts.forward_packed(rows, p.kept)
         else:
-            C = ops.capacity(tokens.shape[0], E, k, factor, self.min_capacity)
-            p = ops.plan(r.experts, E, C, weights=priority_weights, priority=self.priority, mask=valid)
-            buffer = ops.dispatch(tokens, p.slots, E * C).view(E, C, H)
-            out = self.experts(buffer).view(E * C, H)
-        y = ops.combine(out, p.slots, r.weights)
+            out = self.experts(rows.view(E, C, tokens.shape[-1])).view(num_rows, tokens.shape[-1])
+        y = ops.combine(out, p.slots, weights)
         dropped = 1.0 - p.kept.sum() / p.load.sum().clamp_min(1)
         return y, p.load, p.kept, dropped
+
+    @staticmethod
+    def _row_weights(weights, slots, num_rows):
+        """[num_rows, 1]: the weight of the (token, choice) each buffer row
+        holds, 0 for empty rows; differentiable in ``weights`` (dispatch moves
+        each choice's weight like a one-feature token)."""
+        rows = [ops.dispatch(weights[:, j:j + 1], slots[:, j:j + 1], num_rows)
+                for j in range(slots.shape[1])]
+        return torch.stack(rows).sum(0)
 
     def _expert_choice(self, tokens, scores, factor, valid):
         T, E, H = tokens.shape[0], self.num_experts, tokens.shape[-1]

@@ -46,21 +46,30 @@ def tiny(family):
             q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
             v_head_dim=8, **{**COMMON, "num_key_value_heads": 4})  # MLA: no grouped KV
         model = transformers.DeepseekV3ForCausalLM(config)
+    elif family == "llama4":
+        config = transformers.Llama4TextConfig(
+            intermediate_size=24, intermediate_size_mlp=48, num_local_experts=4,
+            num_experts_per_tok=1, head_dim=8, attention_chunk_size=64,
+            no_rope_layers=[1, 1], moe_layers=[0, 1], **COMMON)
+        model = transformers.Llama4ForCausalLM(config)
     else:
         raise AssertionError(family)
     model = model.eval()
     with torch.no_grad():
         for module in model.modules():
             if type(module).__name__ in mrhf.SUPPORTED:
-                module.gate.weight.normal_(std=0.5)
-                if hasattr(module.gate, "e_score_correction_bias"):
-                    module.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
+                gate = module.router if hasattr(module, "router") else module.gate
+                gate.weight.normal_(std=0.5)
+                if hasattr(module.experts, "gate_up_proj") and module.experts.gate_up_proj.abs().sum() == 0:
+                    module.experts.gate_up_proj.normal_(std=0.2)  # Llama 4 initialises zeros
+                if hasattr(gate, "e_score_correction_bias"):
+                    gate.e_score_correction_bias.uniform_(-0.1, 0.1)
                 if hasattr(module, "shared_expert_gate"):
                     module.shared_expert_gate.weight.normal_(std=0.5)
     return model
 
 
-FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3"]
+FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "llama4"]
 
 
 def blocks(model):
@@ -73,17 +82,22 @@ def test_from_hf_block_equals_the_block_outputs_and_gradients(family):
     moe = mrhf.from_hf(block)
     x = torch.randn(3, 10, 32, requires_grad=True)
     expected = block(x)
+    if isinstance(expected, tuple):  # Llama 4: (hidden_states, router_logits)
+        expected = expected[0].view(x.shape)
+    gate = block.router if hasattr(block, "router") else block.gate
+    llama4 = family == "llama4"
+    layout = (lambda w: w) if llama4 else (lambda w: w.transpose(1, 2))
     got = moe(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(expected)
     grad_x_hf, grad_router_hf, grad_up_hf, grad_down_hf = torch.autograd.grad(
-        expected, [x, block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj], g)
+        expected, [x, gate.weight, block.experts.gate_up_proj, block.experts.down_proj], g)
     grad_x, grad_router, grad_in, grad_out = torch.autograd.grad(
         got, [x, moe.router.weight, moe.experts.w_in, moe.experts.w_out], g)
     torch.testing.assert_close(grad_x, grad_x_hf, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_router, grad_router_hf, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad_in, grad_up_hf.transpose(1, 2), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad_out, grad_down_hf.transpose(1, 2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_in, layout(grad_up_hf), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_out, layout(grad_down_hf), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -359,3 +359,64 @@ def test_compile_training_router_with_bias_update():
     assert torch.equal(moe.router.pending_load, eager_load)  # counted once, by the compiled forward
     moe.update_bias()
     assert moe.router.bias.abs().sum() > 0
+
+
+def test_scale_inputs_runs_experts_on_weighted_inputs_like_llama4():
+    """y[t] = sum over kept choices of expert_e(w * x[t]) (Llama 4), written
+    densely; forward and gradients, with capacity drops and padding."""
+    torch.manual_seed(0)
+    moe = mr.MoE(8, 16, 4, 2, capacity_factor=0.75, score="sigmoid", normalize=False,
+                 scale_inputs=True, activation="swiglu")
+    x = torch.randn(30, 8, requires_grad=True)
+    mask = torch.rand(30) > 0.2
+    y = moe(x, mask)
+    logits = F.linear(x, moe.router.weight)
+    weights, experts, _ = ref.route(logits, 2, score="sigmoid", normalize=False)
+    C = ref.capacity(30, 4, 2, 0.75, moe.min_capacity)
+    slots, _, _ = ref.plan(experts, 4, C, mask=mask)
+    rows = []
+    for t in range(30):
+        acc = torch.zeros(8)
+        for j in range(2):
+            if slots[t, j] >= 0:
+                scaled = (weights[t, j] * x[t])[None]
+                acc = acc + reference_experts(moe, scaled)[experts[t, j], 0]
+        rows.append(acc)
+    expected = torch.stack(rows)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, moe.router.weight, moe.experts.w_in], g)
+    want = torch.autograd.grad(expected, [x, moe.router.weight, moe.experts.w_in], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_renormalize_after_drop_like_nllb_moe():
+    """Hand case, capacity 1: token 0 keeps both choices, token 1 loses its
+    first (expert 0, taken by token 0) and keeps its second, whose weight
+    becomes 1; NLLB-MoE's p_j * kept_j / max(sum kept p, eps)."""
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.1, 0.4]])
+    moe = mr.MoE(3, 4, 3, 2, capacity_factor=0.75, min_capacity=1, normalize=False,
+                 renormalize_after_drop=True)
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.eye(3))
+    y = moe(probs.log())
+    dense = reference_experts(moe, probs.log())  # [E, T, d]
+    expected0 = (0.6 * dense[0, 0] + 0.3 * dense[1, 0]) / 0.9
+    expected1 = 1.0 * dense[2, 1]
+    torch.testing.assert_close(y[0], expected0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y[1], expected1, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_expert_with_gate_adds_a_dense_ffn():
+    torch.manual_seed(0)
+    moe = mr.MoE(8, 16, 4, 2, capacity_factor=None, shared_hidden=12, shared_gate=True)
+    x = torch.randn(10, 8)
+    routed = mr.MoE(8, 16, 4, 2, capacity_factor=None)
+    routed.load_state_dict({k: v for k, v in moe.state_dict().items()
+                            if not k.startswith("shared")})
+    h = F.gelu(x @ moe.shared_expert.w_in[0]) @ moe.shared_expert.w_out[0]
+    expected = routed(x) + torch.sigmoid(x @ moe.shared_gate.weight.t()) * h
+    torch.testing.assert_close(moe(x), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="MoE: shared_gate needs a shared expert"):
+        mr.MoE(8, 16, 4, 2, shared_gate=True)
