@@ -41,6 +41,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from . import ops
 from .layers import MoE
 
 SUPPORTED = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock",
@@ -187,3 +188,30 @@ def patch(model: nn.Module, **overrides) -> PatchHandle:
         handle.blocks.append((qualified, block, replacement))
     handle._hook = model.register_forward_pre_hook(remember_mask, with_kwargs=True)
     return handle
+
+
+def mixtral_load_balancing_loss(router_logits, k: int, attention_mask=None) -> torch.Tensor:
+    """The number transformers' ``load_balancing_loss_func`` returns (Mixtral,
+    Qwen-MoE, OLMoE, ... before ``router_aux_loss_coef``): every layer's
+    router logits [B*S, E] are pooled into one set of tokens (not averaged
+    per layer), scored by softmax, and the loss is k times ours on that pool,
+    padding (``attention_mask`` [B, S] == 0) excluded."""
+    layers = list(router_logits) if isinstance(router_logits, (list, tuple)) else [router_logits]
+    logits = torch.cat([l.float() for l in layers])
+    routing = ops.route(logits, k, normalize=False)
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask.reshape(-1).bool().repeat(len(layers))
+    return k * ops.load_balancing_loss(routing.scores, routing.experts, mask=mask)
+
+
+def switch_load_balancing_loss(router_probs: torch.Tensor,
+                               expert_indices: torch.Tensor) -> torch.Tensor:
+    """The number transformers' Switch Transformers ``load_balancing_loss_func``
+    returns: router_probs [B, S, E], expert_indices [B, S] or [B, S, k]
+    (distinct per token). It averages the loss over batch rows, so it is ours
+    with ``seq_len=S`` (per-row f and P), times k."""
+    B, S, E = router_probs.shape
+    experts = expert_indices.long().reshape(B * S, -1)
+    return experts.shape[1] * ops.load_balancing_loss(
+        router_probs.reshape(B * S, E).float(), experts, seq_len=S)

@@ -145,3 +145,30 @@ def test_patch_routes_padding_nowhere():
 def test_from_hf_rejects_an_unsupported_block():
     with pytest.raises(ValueError, match="moe_routing.hf.from_hf: unsupported block Linear"):
         mrhf.from_hf(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_mixtral_loss_helper_equals_transformers(masked):
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    torch.manual_seed(0)
+    B, S, E_, k = 3, 7, 6, 2
+    layers = tuple(torch.randn(B * S, E_) for _ in range(3))
+    mask = (torch.rand(B, S) > 0.3).long() if masked else None
+    expected = load_balancing_loss_func(layers, E_, k, mask)
+    torch.testing.assert_close(mrhf.mixtral_load_balancing_loss(layers, k, mask), expected)
+    # Pooling is not the mean of per-layer losses (what summing each
+    # layer's aux_loss gives): the helper exists for that reason.
+    per_layer = sum(mrhf.mixtral_load_balancing_loss(l, k) for l in layers) / 3
+    assert masked or not torch.allclose(per_layer, expected)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_switch_loss_helper_equals_transformers(k):
+    from transformers.models.switch_transformers.modeling_switch_transformers import (
+        load_balancing_loss_func)
+    torch.manual_seed(0)
+    B, S, E_ = 3, 20, 6  # the case: plain "equal" was 1.12812 vs 1.02715
+    probs = torch.softmax(torch.randn(B, S, E_), -1)
+    indices = probs.topk(k, -1).indices
+    expected = load_balancing_loss_func(probs, indices if k > 1 else indices[..., 0])
+    torch.testing.assert_close(mrhf.switch_load_balancing_loss(probs, indices), expected)
