@@ -359,3 +359,54 @@ def test_traced_capacity_equals_the_op(T, E_, k, factor, min_capacity):
         assert traced == 55  # exactly 1.1 * 100 / 2, not the 56 of float rounding
     if (T, factor) == (10**7, 1e6):
         assert traced == 10**7  # clamped to T
+
+
+@pytest.mark.skipif(not hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"),
+                    reason="this torch's Dynamo cannot keep forward side effects under checkpoint")
+@torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
+def test_compiled_checkpointed_layer_with_bias_update_matches_eager():
+    """torch.compile(fullgraph=True) around a checkpointed MoE with the
+    balancing bias: eager's output and gradients, the load counted once. The
+    layer records aux_loss, stats and the load as side effects of forward,
+    which Dynamo refuses inside a checkpoint region unless told not to replay
+    them in backward (what eager checkpointing also does, see _in_backward):
+    the README documents the flag."""
+    torch._dynamo.reset()
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = mr.MoE(D, F_HIDDEN, E, 2, score="sigmoid", bias_update_rate=0.1)
+
+        def forward(self, x):
+            return x + checkpoint(self.moe, x, use_reentrant=False)
+
+    torch.manual_seed(0)
+    eager = Residual()
+    with torch.no_grad():
+        eager.moe.router.bias.uniform_(-0.3, 0.3)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(20, D)
+    expected = step(_Unwrap(eager), x)
+    got = step(_Unwrap(model, compiled), x)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert torch.equal(model.moe.router.pending_load, eager.moe.router.pending_load)
+    assert int(eager.moe.router.pending_load.sum()) == 20 * 2
+
+
+class _Unwrap(nn.Module):
+    """step() helper: calls ``fn`` (default: module), exposes module's MoE
+    aux_loss and parameters."""
+
+    def __init__(self, module, fn=None):
+        super().__init__()
+        self.inner, self.fn = module, (fn if fn is not None else module)
+
+    @property
+    def aux_loss(self):
+        return self.inner.moe.aux_loss
+
+    def forward(self, x):
+        return self.fn(x)
