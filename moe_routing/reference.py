@@ -139,6 +139,8 @@ def load_balancing_loss(scores, experts, *, mask=None, seq_len=None):
 
 
 def z_loss(logits, *, mask=None):
+    if logits.shape[-1] == 0:  # logsumexp of nothing is -inf: refused, like route
+        raise ValueError("z_loss: logits must have at least one expert column, got E=0")
     acc = router_dtype(logits)
     lse = torch.logsumexp(logits.to(acc), dim=-1)
     valid = torch.ones_like(lse, dtype=torch.bool) if mask is None else mask
