@@ -74,6 +74,74 @@ def test_dispatch_is_twice_differentiable():
                                                     dtype=torch.float64))
 
 
+# --- 2. NaN ranks last ------------------------------------------------------
+
+def test_route_nan_logit_ranks_last_sigmoid():
+    out = mr.route(torch.tensor([[nan, 1.0, 0.5]]), 1, score="sigmoid")
+    assert out.experts.tolist() == [[1]]
+    # sigmoid scores (0, nan, 0.5 after sigmoid of -inf, nan, 0): -inf beats NaN.
+    out = mr.route(torch.tensor([[-inf, nan, 0.0]]), 3, score="sigmoid", normalize=False)
+    assert out.experts.tolist() == [[2, 0, 1]]
+
+
+def test_route_nan_bias_demotes_only_its_expert():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    out = mr.route(logits, 2, bias=torch.tensor([nan, 0.0, 0.0]))
+    assert out.experts.tolist() == [[1, 2]]
+    torch.testing.assert_close(out.weights, torch.tensor([[0.6, 0.4]]))
+
+
+def test_route_softmax_nan_row_takes_lowest_indices():
+    out = mr.route(torch.tensor([[1.0, nan, 2.0, 0.0]]), 2)
+    assert out.experts.tolist() == [[0, 1]]  # every score NaN: ties, lower index first
+    assert out.scores.isnan().all()
+
+
+def test_route_nan_groups():
+    # Groups of 2 (sigmoid scores): g0 = (nan, .9): NaN score, ranks last; g1 = (.6, .5); g2 = (.2, .1).
+    s = torch.tensor([[nan, 0.9, 0.6, 0.5, 0.2, 0.1]], dtype=torch.float64)
+    out = mr.route(torch.logit(s), 2, score="sigmoid", num_groups=3, topk_groups=2)
+    assert out.experts.tolist() == [[2, 3]]
+    assert torch.equal(out.experts, ref.route(torch.logit(s), 2, score="sigmoid", num_groups=3,
+                                              topk_groups=2)[1])
+
+
+@pytest.mark.parametrize("k", [3, 33, 64])
+def test_route_adversarial_values_match_reference(k):
+    g = torch.Generator().manual_seed(k)
+    palette = torch.tensor([nan, inf, -inf, 0.0, 1.0, -1.0, 1e30, -1e30])
+    logits = palette[torch.randint(0, len(palette), (40, 64), generator=g)]
+    bias = palette[torch.randint(0, len(palette), (64,), generator=g)] * 1e-3
+    for kw in [dict(score="sigmoid"), dict(score="sigmoid", bias=bias),
+               dict(score="sigmoid", bias=bias, num_groups=4, topk_groups=4 if k > 48 else 3),
+               dict(score="softmax")]:
+        out = mr.route(logits, k, **kw)
+        expected = ref.route(logits, k, **kw)
+        assert torch.equal(out.experts, expected[1]), kw
+        torch.testing.assert_close(out.scores, expected[2], equal_nan=True)
+        torch.testing.assert_close(out.weights, expected[0], equal_nan=True)
+
+
+def test_expert_choice_never_takes_nan_or_minus_inf():
+    scores = torch.tensor([[nan, 0.1], [-inf, 0.2], [0.5, nan], [inf, -inf]], dtype=torch.float64)
+    out = mr.expert_choice(scores, 3)
+    assert out.tokens.tolist() == [[3, 2, -1], [1, 0, -1]]
+    assert out.weights.tolist() == [[inf, 0.5, 0.0], [0.2, 0.1, 0.0]]
+    expected = ref.expert_choice(scores, 3)
+    assert torch.equal(out.tokens, expected[1]) and torch.equal(out.weights, expected[0])
+
+
+@pytest.mark.parametrize("priority", ["score", "batch"])
+def test_plan_nan_weights_rank_last(priority):
+    experts = torch.zeros(4, 1, dtype=torch.long)
+    weights = torch.tensor([[nan], [0.2], [0.9], [nan]])
+    out = mr.plan(experts, 1, 2, weights=weights, priority=priority)
+    # The two heaviest (.9 and .2) survive; "score" keeps choice (token) order, "batch" weight order.
+    assert out.slots[:, 0].tolist() == ([-1, 0, 1, -1] if priority == "score" else [-1, 1, 0, -1])
+    expected = ref.plan(experts, 1, 2, weights=weights, priority=priority)
+    assert torch.equal(out.slots, expected[0])
+
+
 # --- 4. mixed devices -------------------------------------------------------
 
 def _calls():
@@ -139,6 +207,29 @@ def test_loss_backwards_check_grad_is_scalar(device):
         ops.z_loss_backward(torch.ones(2, device=device), scores, None)
 
 
+# --- 6. huge E --------------------------------------------------------------
+
+def test_route_k_equals_huge_e_is_fast():
+    E = 2**16
+    logits = torch.randn(8, E)
+    logits[:, ::7] = 0.25  # ties
+    logits[:, 5::11] = nan
+    start = time.perf_counter()
+    out = mr.route(logits, E, score="sigmoid")
+    assert time.perf_counter() - start < 5.0
+    assert torch.equal(out.experts, ref.route(logits, E, score="sigmoid")[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_route_limits_are_clear_errors():
+    with pytest.raises(RuntimeError, match=r"moe_routing::route: on CUDA E must be <= 1024, got 2048"):
+        mr.route(torch.randn(2, 2048, device="cuda"), 1)
+    with pytest.raises(RuntimeError, match=r"moe_routing::route: on CUDA k must be <= 32, got 33"):
+        mr.route(torch.randn(2, 64, device="cuda"), 33)
+    with pytest.raises(RuntimeError, match=r"moe_routing::route: on CUDA num_groups must be <= 32, got 64"):
+        mr.route(torch.randn(2, 64, device="cuda"), 1, num_groups=64)
+
+
 # --- 7. z_loss with no expert column -----------------------------------------
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
@@ -147,3 +238,13 @@ def test_z_loss_needs_an_expert_column(device):
         mr.z_loss(torch.randn(3, 0, device=device))
     with pytest.raises(ValueError, match=r"z_loss: logits must have at least one expert column"):
         ref.z_loss(torch.randn(3, 0))
+
+
+# --- 8. expert_choice_backward sums repeated tokens --------------------------
+
+def test_expert_choice_backward_sums_repeated_tokens():
+    grad = torch.tensor([[1.0, 2.0, 4.0], [8.0, 16.0, 32.0]])
+    tokens = torch.tensor([[0, 0, 1], [2, -1, 2]])
+    out = ops.expert_choice_backward(grad, tokens, 3)
+    assert out.tolist() == [[3.0, 0.0], [4.0, 0.0], [0.0, 40.0]]
+    assert torch.equal(out, ref.expert_choice_backward(grad, tokens, 3))
