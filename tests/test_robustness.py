@@ -142,6 +142,34 @@ def test_plan_nan_weights_rank_last(priority):
     assert torch.equal(out.slots, expected[0])
 
 
+# --- 3. integer overflow ----------------------------------------------------
+
+def test_capacity_huge_arguments():
+    result = run_isolated("print(mr.capacity(10, 2**58, 1, 1.0), mr.capacity(10**7, 1, 1, 1e6))")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["4", str(10**7)]
+    for args in [(2**62, 2**62, 2**62, 1e6), (2**40, 3, 2, 1.000001), (10**15, 2**50, 7, 0.5, 0),
+                 (2**63 - 1, 1, 1, 1.0), (12345, 2**62, 2**61, 1e6)]:
+        assert mr.capacity(*args) == ref.capacity(*args), args
+
+
+def test_capacity_symbolic_token_count():
+    def f(x):
+        return x.new_zeros(mr.capacity(x.shape[0], 2**58, 2**57, 1.5, 0))
+
+    compiled = torch.compile(f, backend="eager", dynamic=True, fullgraph=True)
+    for T in (5, 1000):
+        assert compiled(torch.zeros(T)).shape[0] == ref.capacity(T, 2**58, 2**57, 1.5, 0)
+
+
+def test_plan_capacity_that_overflows_slots():
+    experts = torch.tensor([[0], [3]])
+    with pytest.raises(RuntimeError, match=r"moe_routing::plan: num_experts \* capacity must fit in int64"):
+        mr.plan(experts, 4, 2**62)
+    out = mr.plan(experts, 2**2, 2**60)  # 4 * 2**60 fits: slots e * C + c
+    assert out.slots.tolist() == [[0], [3 * 2**60]]
+
+
 # --- 4. mixed devices -------------------------------------------------------
 
 def _calls():
@@ -248,3 +276,36 @@ def test_expert_choice_backward_sums_repeated_tokens():
     out = ops.expert_choice_backward(grad, tokens, 3)
     assert out.tolist() == [[3.0, 0.0], [4.0, 0.0], [0.0, 40.0]]
     assert torch.equal(out, ref.expert_choice_backward(grad, tokens, 3))
+
+
+# --- 9. empty outputs, huge sizes --------------------------------------------
+
+def test_zero_byte_tensors_return_at_once():
+    start = time.perf_counter()
+    y = mr.combine(torch.empty(8, 0), torch.empty(2**40, 0, dtype=torch.long), torch.empty(2**40, 0))
+    assert y.shape == (2**40, 0)
+    assert mr.dispatch(torch.randn(4, 0), torch.full((4, 1), -1), 2**31).shape == (2**31, 0)
+    assert ops.dispatch_backward(torch.empty(3, 0), torch.empty(2**40, 0, dtype=torch.long)).shape == (2**40, 0)
+    slots = torch.tensor([[2**39], [-1]])
+    g_rows, g_w = ops.combine_backward(torch.empty(2, 0), torch.empty(2**40, 0), slots, torch.ones(2, 1))
+    assert g_rows.shape == (2**40, 0) and g_w.tolist() == [[0.0], [0.0]]
+    loss = mr.load_balancing_loss(torch.empty(0, 4), torch.empty(0, 2, dtype=torch.long), seq_len=2**40)
+    assert loss.item() == 0.0
+    out = mr.plan(torch.empty(2**40, 0, dtype=torch.long), 3, 2)
+    assert out.slots.shape == (2**40, 0) and out.load.tolist() == [0, 0, 0]
+    assert time.perf_counter() - start < 5.0
+
+
+def test_zero_byte_outputs_still_check_slots():
+    with pytest.raises(RuntimeError, match=r"moe_routing::dispatch: slots must be unique, but row 7 is assigned twice"):
+        mr.dispatch(torch.randn(2, 0), torch.tensor([[7], [7]]), 2**31)
+    with pytest.raises(RuntimeError, match=r"moe_routing::combine: slots must be -1 \(dropped\) or in \[0, num_rows=4\), got 4"):
+        mr.combine(torch.randn(4, 0), torch.tensor([[4]]), torch.ones(1, 1))
+    with pytest.raises(RuntimeError, match=r"moe_routing::combine_backward: slots must be unique"):
+        ops.combine_backward(torch.empty(2, 0), torch.empty(9, 0), torch.tensor([[3], [3]]), torch.ones(2, 1))
+
+
+@pytest.mark.parametrize("counts", [[2**62, 2**62, 2**62], [2**63 - 1, 2], [3, 3]])
+def test_grouped_mm_counts_past_the_rows(counts):
+    with pytest.raises(RuntimeError, match=r"moe_routing::grouped_mm: counts must sum to at most R=5"):
+        mr.grouped_mm(torch.randn(5, 3), torch.randn(len(counts), 3, 4), torch.tensor(counts))
