@@ -176,8 +176,10 @@ def z_loss(logits, *, mask=None):
     if logits.shape[-1] == 0:  # logsumexp of nothing is -inf: refused, like route
         raise ValueError("z_loss: logits must have at least one expert column, got E=0")
     acc = router_dtype(logits)
-    lse = torch.logsumexp(logits.to(acc), dim=-1)
-    valid = torch.ones_like(lse, dtype=torch.bool) if mask is None else mask
+    valid = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device) if mask is None else mask
+    # Padding rows are zeroed first, so that their inf or NaN reach neither
+    # the loss nor (as 0 * inf) the gradient.
+    lse = torch.logsumexp(torch.where(valid[:, None], logits.to(acc), 0), dim=-1)
     n = valid.sum()
     loss = torch.where(valid, lse.square(), 0).sum() / n.clamp(min=1)
     return loss
