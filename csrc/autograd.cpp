@@ -4,6 +4,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <functional>
+
 #include "moe_routing.h"
 
 namespace moe_routing::autograd {
@@ -163,6 +165,121 @@ class ZLossFunction : public torch::autograd::Function<ZLossFunction> {
   }
 };
 
+// dispatch_backward is a combine with unit weights: linear in grad_out, so
+// its derivative is a dispatch of the incoming gradient, and dispatch is
+// differentiable any number of times.
+class DispatchBackwardFunction : public torch::autograd::Function<DispatchBackwardFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_out,
+                            const at::Tensor& slots) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({slots});
+    ctx->saved_data["num_rows"] = grad_out.sym_size(0);
+    return dispatch_backward(grad_out, slots);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto dispatch_op = op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>(
+        "moe_routing::dispatch");
+    return {dispatch_op.call(grads[0], ctx->get_saved_variables()[0],
+                             ctx->saved_data["num_rows"].toSymInt()),
+            {}};
+  }
+};
+
+// The other *_backward ops are differentiable only so that differentiating
+// their results says so: a second backward through them raises instead of
+// silently giving zeros (as an op without an Autograd kernel would).
+// `inputs` are the op's floating-point tensors; `run` computes the op.
+class NotTwiceDifferentiable : public torch::autograd::Function<NotTwiceDifferentiable> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const std::string& name,
+                               at::TensorList inputs, const std::function<variable_list()>& run) {
+    (void)inputs;
+    ctx->saved_data["name"] = name;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return run();
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    (void)grads;
+    TORCH_CHECK(false, ctx->saved_data["name"].toStringRef(),
+                ": double backward is not supported");
+    return {};
+  }
+};
+
+at::Tensor route_backward_autograd(const at::Tensor& grad_weights, const at::Tensor& grad_scores,
+                                   const at::Tensor& weights, const at::Tensor& experts,
+                                   const at::Tensor& scores, c10::string_view score,
+                                   bool normalize, double scale, at::ScalarType logits_dtype) {
+  return NotTwiceDifferentiable::apply(
+      "moe_routing::route_backward", at::TensorList{grad_weights, grad_scores, weights, scores}, [&] {
+        return variable_list{route_backward(grad_weights, grad_scores, weights, experts, scores,
+                                            std::string(score), normalize, scale,
+                                            logits_dtype)};
+      })[0];
+}
+
+at::Tensor dispatch_backward_autograd(const at::Tensor& grad_out, const at::Tensor& slots) {
+  return DispatchBackwardFunction::apply(grad_out, slots);
+}
+
+std::tuple<at::Tensor, at::Tensor> combine_backward_autograd(const at::Tensor& grad_y,
+                                                             const at::Tensor& expert_out,
+                                                             const at::Tensor& slots,
+                                                             const at::Tensor& weights) {
+  auto out = NotTwiceDifferentiable::apply(
+      "moe_routing::combine_backward", at::TensorList{grad_y, expert_out, weights}, [&] {
+        auto [grad_expert_out, grad_weights] = combine_backward(grad_y, expert_out, slots, weights);
+        return variable_list{grad_expert_out, grad_weights};
+      });
+  return {out[0], out[1]};
+}
+
+at::Tensor load_balancing_loss_backward_autograd(const at::Tensor& grad, const at::Tensor& scores,
+                                                 const at::Tensor& experts,
+                                                 const std::optional<at::Tensor>& mask,
+                                                 std::optional<c10::SymInt> seq_len) {
+  static auto backward_op = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                          const std::optional<at::Tensor>&,
+                                          std::optional<c10::SymInt>)>(
+      "moe_routing::load_balancing_loss_backward");
+  return NotTwiceDifferentiable::apply("moe_routing::load_balancing_loss_backward",
+                                       at::TensorList{grad, scores}, [&] {
+                                         return variable_list{
+                                             backward_op.call(grad, scores, experts, mask, seq_len)};
+                                       })[0];
+}
+
+at::Tensor z_loss_backward_autograd(const at::Tensor& grad, const at::Tensor& logits,
+                                    const std::optional<at::Tensor>& mask) {
+  return NotTwiceDifferentiable::apply("moe_routing::z_loss_backward", at::TensorList{grad, logits}, [&] {
+    return variable_list{z_loss_backward(grad, logits, mask)};
+  })[0];
+}
+
+at::Tensor expert_choice_backward_autograd(const at::Tensor& grad_weights,
+                                           const at::Tensor& tokens, c10::SymInt num_tokens) {
+  static auto backward_op = op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>(
+      "moe_routing::expert_choice_backward");
+  return NotTwiceDifferentiable::apply("moe_routing::expert_choice_backward", at::TensorList{grad_weights}, [&] {
+    return variable_list{backward_op.call(grad_weights, tokens, num_tokens)};
+  })[0];
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_autograd(const at::Tensor& grad,
+                                                                const at::Tensor& x,
+                                                                const at::Tensor& weight,
+                                                                const at::Tensor& counts) {
+  auto out = NotTwiceDifferentiable::apply(
+      "moe_routing::grouped_mm_backward", at::TensorList{grad, x, weight}, [&] {
+        auto [grad_x, grad_weight] = grouped_mm_backward(grad, x, weight, counts);
+        return variable_list{grad_x, grad_weight};
+      });
+  return {out[0], out[1]};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_autograd(
     const at::Tensor& logits, int64_t k, c10::string_view score, std::optional<bool> normalize,
     const std::optional<at::Tensor>& bias, int64_t num_groups, int64_t topk_groups,
@@ -215,4 +332,11 @@ TORCH_LIBRARY_IMPL(moe_routing, Autograd, m) {
   m.impl("z_loss", &z_loss_autograd);
   m.impl("expert_choice", &expert_choice_autograd);
   m.impl("grouped_mm", &grouped_mm_autograd);
+  m.impl("route_backward", &route_backward_autograd);
+  m.impl("dispatch_backward", &dispatch_backward_autograd);
+  m.impl("combine_backward", &combine_backward_autograd);
+  m.impl("load_balancing_loss_backward", &load_balancing_loss_backward_autograd);
+  m.impl("z_loss_backward", &z_loss_backward_autograd);
+  m.impl("expert_choice_backward", &expert_choice_backward_autograd);
+  m.impl("grouped_mm_backward", &grouped_mm_backward_autograd);
 }

@@ -3,6 +3,8 @@
 // nothing on the GPU.
 #include "moe_routing.h"
 
+#include <limits>
+
 namespace moe_routing::detail {
 
 Score parse_score(const char* op, const std::string& score) {
@@ -113,6 +115,10 @@ void check_plan_args(const at::Tensor& experts, int64_t num_experts,
   if (capacity.has_value()) {
     TORCH_CHECK(*capacity >= 0, op,
                 ": capacity must be >= 0 (or None for dropless), got ", *capacity);
+    // Slots are e * capacity + c: every one must fit in int64.
+    TORCH_CHECK(*capacity <= std::numeric_limits<int64_t>::max() / num_experts, op,
+                ": num_experts * capacity must fit in int64 (slots are e * capacity + c), got "
+                "num_experts=", num_experts, " and capacity=", *capacity);
   }
   if (weights.has_value()) {
     check_floating(op, "weights", *weights);
@@ -150,9 +156,10 @@ void check_dispatch_backward_args(const at::Tensor& grad_out, const at::Tensor& 
   check_same_device(op, "slots", slots, grad_out);
 }
 
-void check_combine_args(const at::Tensor& expert_out, const at::Tensor& slots,
-                        const at::Tensor& weights) {
-  constexpr const char* op = "moe_routing::combine";
+namespace {
+
+void check_combine_inputs(const char* op, const at::Tensor& expert_out, const at::Tensor& slots,
+                          const at::Tensor& weights) {
   TORCH_CHECK(expert_out.dim() == 2 || expert_out.dim() == 3, op,
               ": expert_out must be [num_rows, H] or [E, C, H], got shape ",
               expert_out.sym_sizes());
@@ -169,10 +176,17 @@ void check_combine_args(const at::Tensor& expert_out, const at::Tensor& slots,
               weights.sym_sizes());
 }
 
+}  // namespace
+
+void check_combine_args(const at::Tensor& expert_out, const at::Tensor& slots,
+                        const at::Tensor& weights) {
+  check_combine_inputs("moe_routing::combine", expert_out, slots, weights);
+}
+
 void check_combine_backward_args(const at::Tensor& grad_y, const at::Tensor& expert_out,
                                  const at::Tensor& slots, const at::Tensor& weights) {
   constexpr const char* op = "moe_routing::combine_backward";
-  check_combine_args(expert_out, slots, weights);
+  check_combine_inputs(op, expert_out, slots, weights);
   check_dim(op, "grad_y", grad_y, 2, "[T, H]");
   check_dtype(op, "grad_y", grad_y, expert_out.scalar_type());
   check_same_device(op, "grad_y", grad_y, expert_out);
@@ -181,10 +195,11 @@ void check_combine_backward_args(const at::Tensor& grad_y, const at::Tensor& exp
               "], got ", grad_y.sym_sizes());
 }
 
-void check_load_balancing_args(const at::Tensor& scores, const at::Tensor& experts,
-                               const std::optional<at::Tensor>& mask,
-                               const std::optional<c10::SymInt>& seq_len) {
-  constexpr const char* op = "moe_routing::load_balancing_loss";
+namespace {
+
+void check_load_balancing_inputs(const char* op, const at::Tensor& scores,
+                                 const at::Tensor& experts, const std::optional<at::Tensor>& mask,
+                                 const std::optional<c10::SymInt>& seq_len) {
   check_dim(op, "scores", scores, 2, "[T, E]");
   TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble, op,
               ": scores must be float32 or float64, got ", scores.scalar_type());
@@ -199,6 +214,30 @@ void check_load_balancing_args(const at::Tensor& scores, const at::Tensor& exper
     TORCH_CHECK(*seq_len >= 1 && scores.sym_size(0) % *seq_len == 0, op,
                 ": seq_len must be >= 1 and divide T=", scores.sym_size(0), ", got ", *seq_len);
   }
+}
+
+// grad: the scalar upstream gradient of a loss, on ref's device.
+void check_scalar_grad(const char* op, const at::Tensor& grad, const at::Tensor& ref) {
+  TORCH_CHECK(grad.dim() == 0, op, ": grad must be a scalar, got shape ", grad.sym_sizes());
+  check_floating(op, "grad", grad);
+  check_same_device(op, "grad", grad, ref);
+}
+
+}  // namespace
+
+void check_load_balancing_args(const at::Tensor& scores, const at::Tensor& experts,
+                               const std::optional<at::Tensor>& mask,
+                               const std::optional<c10::SymInt>& seq_len) {
+  check_load_balancing_inputs("moe_routing::load_balancing_loss", scores, experts, mask, seq_len);
+}
+
+void check_load_balancing_backward_args(const at::Tensor& grad, const at::Tensor& scores,
+                                        const at::Tensor& experts,
+                                        const std::optional<at::Tensor>& mask,
+                                        const std::optional<c10::SymInt>& seq_len) {
+  constexpr const char* op = "moe_routing::load_balancing_loss_backward";
+  check_load_balancing_inputs(op, scores, experts, mask, seq_len);
+  check_scalar_grad(op, grad, scores);
 }
 
 void check_expert_choice_args(const at::Tensor& scores, const c10::SymInt& capacity,
@@ -226,8 +265,10 @@ void check_expert_choice_backward_args(const at::Tensor& grad_weights, const at:
   TORCH_CHECK(num_tokens >= 0, op, ": num_tokens must be >= 0, got ", num_tokens);
 }
 
-void check_grouped_mm_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& counts) {
-  constexpr const char* op = "moe_routing::grouped_mm";
+namespace {
+
+void check_grouped_mm_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                             const at::Tensor& counts) {
   check_dim(op, "x", x, 2, "[R, H]");
   check_floating(op, "x", x);
   check_dim(op, "weight", weight, 3, "[E, H, F]");
@@ -242,11 +283,32 @@ void check_grouped_mm_args(const at::Tensor& x, const at::Tensor& weight, const 
               weight.sym_size(0), " entries, got ", counts.sym_size(0));
 }
 
+}  // namespace
+
+void check_grouped_mm_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& counts) {
+  check_grouped_mm_inputs("moe_routing::grouped_mm", x, weight, counts);
+}
+
 void check_z_loss_args(const char* op, const at::Tensor& logits,
                        const std::optional<at::Tensor>& mask) {
   check_dim(op, "logits", logits, 2, "[T, E]");
   check_floating(op, "logits", logits);
+  TORCH_CHECK(logits.sym_size(1) >= 1, op, ": logits must have at least one expert column, got E=0");
   check_mask(op, mask, logits);
+}
+
+void check_z_loss_backward_args(const at::Tensor& grad, const at::Tensor& logits,
+                                const std::optional<at::Tensor>& mask) {
+  constexpr const char* op = "moe_routing::z_loss_backward";
+  check_z_loss_args(op, logits, mask);
+  check_scalar_grad(op, grad, logits);
+}
+
+void check_route_cuda_limits(const char* op, int64_t E, int64_t k, int64_t num_groups) {
+  TORCH_CHECK(E <= kCudaMaxExperts, op, ": on CUDA E must be <= ", kCudaMaxExperts, ", got ", E);
+  TORCH_CHECK(k <= kCudaMaxK, op, ": on CUDA k must be <= ", kCudaMaxK, ", got ", k);
+  TORCH_CHECK(num_groups <= kCudaMaxGroups, op, ": on CUDA num_groups must be <= ",
+              kCudaMaxGroups, ", got ", num_groups);
 }
 
 at::Tensor rows_view(const at::Tensor& expert_out) {
@@ -256,7 +318,7 @@ at::Tensor rows_view(const at::Tensor& expert_out) {
 void check_grouped_mm_backward_args(const at::Tensor& grad, const at::Tensor& x,
                                     const at::Tensor& weight, const at::Tensor& counts) {
   constexpr const char* op = "moe_routing::grouped_mm_backward";
-  check_grouped_mm_args(x, weight, counts);
+  check_grouped_mm_inputs(op, x, weight, counts);
   check_dtype(op, "grad", grad, x.scalar_type());
   check_same_device(op, "grad", grad, x);
   TORCH_CHECK(grad.dim() == 2 && grad.sym_size(0) == x.sym_size(0) &&

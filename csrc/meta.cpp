@@ -84,8 +84,7 @@ at::Tensor load_balancing_loss_backward_meta(const at::Tensor& grad, const at::T
                                              const at::Tensor& experts,
                                              const std::optional<at::Tensor>& mask,
                                              std::optional<c10::SymInt> seq_len) {
-  (void)grad;
-  detail::check_load_balancing_args(scores, experts, mask, seq_len);
+  detail::check_load_balancing_backward_args(grad, scores, experts, mask, seq_len);
   return empty(scores.sym_sizes(), scores, scores.scalar_type());
 }
 
@@ -96,8 +95,7 @@ at::Tensor z_loss_meta(const at::Tensor& logits, const std::optional<at::Tensor>
 
 at::Tensor z_loss_backward_meta(const at::Tensor& grad, const at::Tensor& logits,
                                 const std::optional<at::Tensor>& mask) {
-  (void)grad;
-  detail::check_z_loss_args("moe_routing::z_loss_backward", logits, mask);
+  detail::check_z_loss_backward_args(grad, logits, mask);
   return empty(logits.sym_sizes(), logits, logits.scalar_type());
 }
 

@@ -144,6 +144,10 @@ void check_combine_backward_args(const at::Tensor& grad_y, const at::Tensor& exp
 void check_load_balancing_args(const at::Tensor& scores, const at::Tensor& experts,
                                const std::optional<at::Tensor>& mask,
                                const std::optional<c10::SymInt>& seq_len);
+void check_load_balancing_backward_args(const at::Tensor& grad, const at::Tensor& scores,
+                                        const at::Tensor& experts,
+                                        const std::optional<at::Tensor>& mask,
+                                        const std::optional<c10::SymInt>& seq_len);
 void check_expert_choice_args(const at::Tensor& scores, const c10::SymInt& capacity,
                               const std::optional<at::Tensor>& mask);
 void check_expert_choice_backward_args(const at::Tensor& grad_weights, const at::Tensor& tokens,
@@ -155,6 +159,14 @@ void check_grouped_mm_backward_args(const at::Tensor& grad, const at::Tensor& x,
 // op is "moe_routing::z_loss" or "moe_routing::z_loss_backward".
 void check_z_loss_args(const char* op, const at::Tensor& logits,
                        const std::optional<at::Tensor>& mask);
+void check_z_loss_backward_args(const at::Tensor& grad, const at::Tensor& logits,
+                                const std::optional<at::Tensor>& mask);
+
+// What the CUDA route kernels hold in registers: E experts per lane group,
+// k choices (one lane each), num_groups group flags in a 32-bit mask.
+constexpr int64_t kCudaMaxExperts = 1024, kCudaMaxK = 32, kCudaMaxGroups = 32;
+// op is "moe_routing::route" or "moe_routing::route_backward" (num_groups 1).
+void check_route_cuda_limits(const char* op, int64_t E, int64_t k, int64_t num_groups);
 
 // [R, H] view of expert outputs given as [R, H] or [E, C, H].
 at::Tensor rows_view(const at::Tensor& expert_out);

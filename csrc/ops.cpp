@@ -5,6 +5,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
 namespace moe_routing {
 
 // capacity is pure integer arithmetic on a SymInt token count, so one
@@ -23,11 +27,45 @@ static c10::SymInt capacity_symint(c10::SymInt num_tokens, int64_t num_experts, 
               "moe_routing::capacity: capacity_factor must be in (0, 1e6], got ", capacity_factor);
   TORCH_CHECK(min_capacity >= 0, "moe_routing::capacity: min_capacity must be >= 0, got ",
               min_capacity);
+  // rows = ceil(num_tokens * a / b) with a = factor * 1e6 * k, b = 1e6 * E,
+  // in 128-bit integers (a < 2^103, b < 2^83): no int64 product overflows.
+  using wide = __int128;
   constexpr int64_t kDenominator = 1000000;
-  const int64_t numerator = std::llround(capacity_factor * kDenominator);
-  const int64_t divisor = kDenominator * num_experts;
-  // ceil(a / b) for a >= 0 is (a + b - 1) / b.
-  c10::SymInt rows = (num_tokens * (numerator * k) + (divisor - 1)) / divisor;
+  const wide a = static_cast<wide>(std::llround(capacity_factor * kDenominator)) * k;
+  const wide b = static_cast<wide>(kDenominator) * num_experts;
+  // a >= b: rows >= num_tokens, and the result is num_tokens.
+  if (a >= b) return num_tokens;
+  if (const auto n = num_tokens.maybe_as_int()) {
+    // floor(n * a / b) = q, remainder r, bit by bit over n: r < b < 2^83, so
+    // 2r + a < 2^85 never overflows, and q <= n.
+    int64_t q = 0;
+    wide r = 0;
+    for (int bit = 62; bit >= 0; --bit) {
+      q *= 2;
+      r *= 2;
+      if (r >= b) ++q, r -= b;
+      if ((*n >> bit) & 1) {
+        r += a;
+        if (r >= b) ++q, r -= b;
+      }
+    }
+    const int64_t rows = q + (r > 0 ? 1 : 0);
+    return c10::SymInt(std::min(std::max(min_capacity, rows), *n));
+  }
+  // A symbolic count computes in the arbitrary-precision integers of the
+  // symbolic shapes, from a / b in lowest terms as int64 constants.
+  wide x = a, y = b;
+  while (y != 0) {
+    const wide r = x % y;
+    x = y;
+    y = r;
+  }
+  const wide num = a / x, den = b / x;
+  TORCH_CHECK(den <= std::numeric_limits<int64_t>::max(),
+              "moe_routing::capacity: capacity_factor * k / num_experts = ", capacity_factor, " * ",
+              k, " / ", num_experts, " is too fine a fraction for a symbolic num_tokens");
+  c10::SymInt rows = (num_tokens * static_cast<int64_t>(num) + static_cast<int64_t>(den - 1)) /
+                     static_cast<int64_t>(den);
   return rows.max(c10::SymInt(min_capacity)).min(num_tokens);
 }
 

@@ -60,7 +60,14 @@ def route(
     Returns:
         ``Routing(weights [T,k], experts [T,k] int64, scores [T,E])``; ties go to
         the lower expert index and each token's choices are by descending score.
-        Differentiable in ``logits`` through ``weights`` and ``scores``.
+        Differentiable in ``logits`` through ``weights`` and ``scores`` (once:
+        differentiating the gradient again raises).
+
+    NaN: in every selection (experts, and groups) NaN ranks last, below -inf,
+    and NaNs tie with each other (lower index first). A NaN logit makes that
+    expert's sigmoid score NaN and every softmax score of its token NaN; a NaN
+    bias entry only demotes its expert. The CPU and CUDA kernels agree; on
+    CUDA, E <= 1024, k <= 32 and num_groups <= 32.
     """
     return Routing(
         *_ops.route(
@@ -105,7 +112,11 @@ def plan(
             row order in "choice" order (Megatron-Core "probs"); ``"batch"``:
             tokens sorted by descending top-1 (largest) weight, ties in token
             order, then "choice" order (V-MoE batch-prioritised routing).
+            A NaN weight ranks below every number in both ("batch" takes a
+            token's largest non-NaN weight as its top-1, NaN only when all are).
         mask: [T] bool, False = padding: routed nowhere (slot -1), not counted.
+
+    ``num_experts * capacity`` must fit in int64 (slots are ``e * C + c``).
 
     Returns:
         ``Plan(slots [T,k], load [E], kept [E])``, all int64. Not differentiable.
@@ -126,8 +137,10 @@ def capacity(
     at most ``num_tokens``.
 
     The factor is taken as an exact fraction to 1e-6 (so 1.1 means 11/10 and
-    ``capacity(10, 1, 1, 1.1)`` is 11, not the 12 that float rounding gives).
-    Works on SymInt token counts under torch.compile.
+    ``capacity(10, 1, 1, 1.1)`` is 11, not the 12 that float rounding gives),
+    and the product is computed in 128-bit integers, so huge arguments neither
+    overflow nor divide by zero. Works on SymInt token counts under
+    torch.compile.
 
     Under torch.compile this computes the same integer arithmetic in Python
     (the op returns an int, which Dynamo cannot put in a graph with static
@@ -163,7 +176,8 @@ def dispatch(x: torch.Tensor, slots: torch.Tensor, num_rows: Union[int, torch.Sy
     Row r of the [num_rows, H] result holds ``x[t]`` for the (t, j) with
     ``slots[t, j] == r`` and zeros where no assignment landed. ``num_rows`` is
     E*C (view the result as [E, C, H]) or T*k (dropless). Slots must be unique
-    (as :func:`plan` makes them). Differentiable in ``x``.
+    (as :func:`plan` makes them). Differentiable in ``x``, twice and more
+    (its backward is a combine with unit weights, whose gradient is a dispatch).
     """
     return _ops.dispatch(x, slots, num_rows)
 
@@ -175,7 +189,8 @@ def combine(expert_out: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
     accumulated in float32 (float64 for float64 outputs) in choice order; a
     token whose choices were all dropped gets zeros (the caller's residual
     carries it). ``expert_out`` is [num_rows, H] or [E, C, H]; the result is
-    [T, H] in its dtype. Differentiable in ``expert_out`` and ``weights``.
+    [T, H] in its dtype. Differentiable in ``expert_out`` and ``weights``
+    (once: differentiating the gradient again raises).
     """
     return _ops.combine(expert_out, slots, weights)
 
@@ -202,14 +217,16 @@ def load_balancing_loss(
     Megatron-Core's ``switch_load_balancing_loss_func`` (before its
     coefficient) equals it; DeepSpeed's top-1 and top-2 gating ``l_aux``
     count first choices only: it equals this loss on ``experts[:, :1]``.
-    Differentiable in ``scores``.
+    Differentiable in ``scores`` (once: differentiating the gradient again raises).
     """
     return _ops.load_balancing_loss(scores, experts, mask=mask, seq_len=seq_len)
 
 
 def z_loss(logits: torch.Tensor, *, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ST-MoE router z-loss: mean over valid tokens of ``logsumexp(logits[t])**2``
-    (0 when no token is valid). Differentiable in ``logits``."""
+    (0 when no token is valid). ``logits`` must have at least one expert column
+    (E = 0 raises: a logsumexp of nothing is -inf). Differentiable in
+    ``logits`` (once: differentiating the gradient again raises)."""
     return _ops.z_loss(logits, mask=mask)
 
 
@@ -228,10 +245,16 @@ def expert_choice(
 ) -> ExpertChoice:
     """Expert Choice routing (Zhou et al. 2022): each expert takes the
     ``capacity`` tokens with the largest ``scores[:, e]`` (ties to the lower
-    token index), in descending order. Padding tokens (mask False) are never
-    taken; slots left empty hold token -1 and weight 0. Differentiable in
-    ``scores``. :func:`expert_choice_slots` turns the result into the slots and
+    token index), in descending order. Padding tokens (mask False) and scores
+    of -inf or NaN are never taken; slots left empty hold token -1 and weight
+    0. Differentiable in ``scores`` (once: differentiating the gradient again
+    raises). :func:`expert_choice_slots` turns the result into the slots and
     weights that :func:`dispatch` and :func:`combine` take.
+
+    The backward op ``expert_choice_backward(grad_weights, tokens, num_tokens)``
+    accepts any tokens in [-1, num_tokens): a (token, expert) pair listed twice
+    gets the sum of its gradients, in column order, deterministically on CPU
+    and CUDA (gather form, no atomics).
     """
     return ExpertChoice(*_ops.expert_choice(scores, capacity, mask=mask))
 
@@ -261,6 +284,9 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> t
     ``capacity=None`` lays them out, ``counts`` = its ``kept``); the result
     [R, F] holds ``x[rows of e] @ weight[e]`` for ``weight`` [E, H, F], and zeros
     in rows past ``sum(counts)``. Output sizes follow from input sizes alone,
-    so it compiles with fullgraph=True. Differentiable in ``x`` and ``weight``.
+    so it compiles with fullgraph=True. Differentiable in ``x`` and ``weight``
+    (once: differentiating the gradient again raises). ``counts`` must be >= 0
+    and sum to at most R: a data check, so the CPU raises and CUDA makes a
+    device-side assert (and clamps, so that no kernel reads past ``x``).
     """
     return _ops.grouped_mm(x, weight, counts)

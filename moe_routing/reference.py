@@ -17,9 +17,32 @@ def router_dtype(logits: torch.Tensor) -> torch.dtype:
 
 
 def _top_k(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest values per row, descending, ties to the lower index."""
-    # A stable sort on the negated values keeps equal values in index order.
+    """Indices of the k largest values per row, descending, ties to the lower index.
+
+    This is the selection order of every op: NaN ranks last, below -inf, and
+    NaNs tie with each other (so they too go in index order)."""
+    # A stable sort on the negated values keeps equal values in index order;
+    # torch.sort puts NaN after every number.
     return torch.sort(-values, dim=-1, stable=True).indices[..., :k]
+
+
+def select(selection, k, *, num_groups=1, topk_groups=1):
+    """route's choice from its selection values ``scores + bias`` [T, E]: the
+    top k in selection order (NaN last, ties to the lower index), limited to
+    the topk_groups best groups when num_groups > 1."""
+    if num_groups > 1:
+        T, E = selection.shape
+        groups = selection.view(T, num_groups, E // num_groups)
+        # The group's two best values in selection order (NaN last): a NaN
+        # among them makes the group score NaN, which ranks last.
+        best = groups.gather(-1, _top_k(groups, min(2, E // num_groups)))
+        best_two = best[..., 0] + best[..., 1] if best.shape[-1] == 2 else best[..., 0]
+        keep_groups = _top_k(best_two, topk_groups)
+        keep = torch.zeros(T, num_groups, dtype=torch.bool, device=selection.device)
+        keep.scatter_(1, keep_groups, True)
+        keep = keep.repeat_interleave(E // num_groups, dim=1)
+        selection = selection.masked_fill(~keep, -math.inf)
+    return _top_k(selection, k)
 
 
 def route(logits, k, *, score="softmax", normalize=None, bias=None, num_groups=1, topk_groups=1,
@@ -33,16 +56,7 @@ def route(logits, k, *, score="softmax", normalize=None, bias=None, num_groups=1
     else:
         raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
     selection = scores if bias is None else scores + bias.to(acc)
-    if num_groups > 1:
-        T, E = selection.shape
-        groups = selection.view(T, num_groups, E // num_groups)
-        best_two = groups.topk(min(2, E // num_groups), dim=-1).values.sum(-1)
-        keep_groups = _top_k(best_two, topk_groups)
-        keep = torch.zeros(T, num_groups, dtype=torch.bool, device=logits.device)
-        keep.scatter_(1, keep_groups, True)
-        keep = keep.repeat_interleave(E // num_groups, dim=1)
-        selection = selection.masked_fill(~keep, -math.inf)
-    experts = _top_k(selection, k)
+    experts = select(selection, k, num_groups=num_groups, topk_groups=topk_groups)
     weights = scores.gather(1, experts)
     if normalize is None:
         normalize = k > 1
@@ -59,9 +73,10 @@ def _priority_order(experts, priority, weights):
         return index.t().reshape(-1).tolist()
     if priority == "token":
         return index.reshape(-1).tolist()
-    if priority == "batch":  # tokens by descending top-1 weight, then choice order
-        top1 = weights.detach().cpu().double().max(dim=1).values if k else torch.zeros(T)
-        by_weight = torch.sort(-top1, stable=True).indices
+    if priority == "batch":  # tokens by descending top-1 weight (NaN last), then choice order
+        w = weights.detach().cpu().double()
+        top1 = w.gather(1, _top_k(w, 1))[:, 0] if k else torch.zeros(T, dtype=torch.float64)
+        by_weight = _top_k(top1, T)
         return index[by_weight].t().reshape(-1).tolist()
     raise ValueError(f"priority must be 'choice', 'token', 'score' or 'batch', got {priority!r}")
 
@@ -84,9 +99,9 @@ def plan(experts, num_experts, capacity=None, *, weights=None, priority="choice"
             for rank, i in enumerate(mine):
                 slots[i] = offsets[e] + rank
             continue
-        if priority == "score" and len(mine) > capacity:  # the heaviest C, ties to the earlier
-            w = weights.detach().cpu().double().reshape(-1).tolist()
-            heaviest = sorted(range(len(mine)), key=lambda r: (-w[mine[r]], r))[:capacity]
+        if priority == "score" and len(mine) > capacity:  # the heaviest C, NaN lightest, ties to the earlier
+            w = weights.detach().cpu().double().reshape(-1)[mine]
+            heaviest = _top_k(w, capacity).tolist()
             mine = [mine[r] for r in sorted(heaviest)]
         for rank, i in enumerate(mine[:capacity]):
             slots[i] = e * capacity + rank
@@ -110,14 +125,32 @@ def dispatch(x, slots, num_rows):
     return out
 
 
+def expert_choice_backward(grad_weights, tokens, num_tokens):
+    """d scores [T, E]: each weight's gradient goes to its (token, expert)
+    entry; a pair listed twice gets the sum."""
+    E, C = tokens.shape
+    grad = grad_weights.new_zeros(num_tokens, E)
+    for e in range(E):
+        for c in range(C):
+            t = int(tokens[e, c])
+            if t >= 0:
+                grad[t, e] += grad_weights[e, c]
+    return grad
+
+
 def combine(expert_out, slots, weights):
-    rows = expert_out.reshape(-1, expert_out.shape[-1])
+    rows = expert_out if expert_out.dim() == 2 else expert_out.flatten(0, 1)
     acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
     y = torch.zeros(slots.shape[0], rows.shape[1], dtype=acc, device=rows.device)
     for j in range(slots.shape[1]):
         kept = slots[:, j] >= 0
         r = slots[:, j].clamp(min=0)
-        y += torch.where(kept[:, None], weights[:, j, None].to(acc) * rows[r].to(acc), 0)
+        picked = rows[r] if rows.shape[0] else rows.new_zeros(len(r), rows.shape[1])
+        # A dropped choice contributes nothing, not even the NaN of 0 * inf,
+        # and gets no gradient: both factors are masked before the product.
+        row = torch.where(kept[:, None], picked.to(acc), 0)
+        w = torch.where(kept, weights[:, j].to(acc), 0)
+        y += w[:, None] * row
     return y.to(rows.dtype)
 
 
@@ -132,18 +165,23 @@ def load_balancing_loss(scores, experts, *, mask=None, seq_len=None):
     n = valid.sum(1).clamp(min=1)  # no valid token: every sum is 0, and so is the loss
     one_hot = torch.nn.functional.one_hot(experts, E).sum(1).view(S, -1, E)  # assignments
     f = (one_hot * valid[..., None]).sum(1).to(scores.dtype) / (n[:, None] * k)
-    p = (scores.view(S, -1, E) * valid[..., None]).sum(1) / n[:, None]
+    # where, not a product: padding is excluded even when its scores are NaN or inf.
+    p = torch.where(valid[..., None], scores.view(S, -1, E), 0).sum(1) / n[:, None]
     per_sequence = E * (f * p).sum(1)
     counted = (valid.sum(1) > 0).sum().clamp(min=1)
     return per_sequence.sum() / counted
 
 
 def z_loss(logits, *, mask=None):
+    if logits.shape[-1] == 0:  # logsumexp of nothing is -inf: refused, like route
+        raise ValueError("z_loss: logits must have at least one expert column, got E=0")
     acc = router_dtype(logits)
-    lse = torch.logsumexp(logits.to(acc), dim=-1)
-    valid = torch.ones_like(lse, dtype=torch.bool) if mask is None else mask
+    valid = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device) if mask is None else mask
+    # Padding rows are zeroed first, so that their inf or NaN reach neither
+    # the loss nor (as 0 * inf) the gradient.
+    lse = torch.logsumexp(torch.where(valid[:, None], logits.to(acc), 0), dim=-1)
     n = valid.sum()
-    loss = (lse.square() * valid).sum() / n.clamp(min=1)
+    loss = torch.where(valid, lse.square(), 0).sum() / n.clamp(min=1)
     return loss
 
 
@@ -153,7 +191,7 @@ def expert_choice(scores, capacity, *, mask=None):
     # Stable sort of each column: ties keep the lower token index first.
     order = torch.sort(-masked.t(), dim=1, stable=True).indices[:, :capacity]  # [E, <=C]
     weights = masked.t().gather(1, order)
-    taken = torch.isfinite(weights)
+    taken = weights > -math.inf  # padding, -inf and NaN (sorted last) are never taken
     tokens = torch.where(taken, order, -1)
     weights = torch.where(taken, weights, 0)
     pad = capacity - order.shape[1]  # fewer tokens than capacity

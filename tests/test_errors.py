@@ -76,7 +76,7 @@ CASES = [
     ("expert_choice", lambda: mr.expert_choice(torch.rand(T), 2), r"expert_choice: scores must be 2-D \[T, E\]"),
     ("expert_choice", lambda: mr.expert_choice(torch.rand(T, E), 2, mask=torch.ones(T)), r"expert_choice: mask must be Bool"),
     # grouped_mm
-    ("grouped_mm", lambda: mr.grouped_mm(torch.randn(5, 3), torch.randn(2, 3, 4), torch.tensor([3, 3])), r"grouped_mm: counts sum to 6 rows, but x has only 5"),
+    ("grouped_mm", lambda: mr.grouped_mm(torch.randn(5, 3), torch.randn(2, 3, 4), torch.tensor([3, 3])), r"grouped_mm: counts must sum to at most R=5 \(the rows of x\), but counts\[0\.\.1\] sum to more"),
     ("grouped_mm", lambda: mr.grouped_mm(torch.randn(5, 3), torch.randn(2, 3, 4), torch.tensor([3, -1])), r"grouped_mm: counts must be >= 0, got counts\[1\] = -1"),
     ("grouped_mm", lambda: mr.grouped_mm(torch.randn(5, 3), torch.randn(2, 4, 4), torch.tensor([1, 1])), r"grouped_mm: weight must be \[E, H=3, F\]"),
     ("grouped_mm", lambda: mr.grouped_mm(torch.randn(5, 3), torch.randn(2, 3, 4).double(), torch.tensor([1, 1])), r"grouped_mm: weight must be Float"),

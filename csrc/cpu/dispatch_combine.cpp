@@ -7,6 +7,7 @@
 // rows in choice order into a float32 (float64) accumulator.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -17,6 +18,38 @@ namespace moe_routing::cpu {
 namespace {
 
 constexpr int64_t kRowGrain = 16;
+
+[[noreturn]] void bad_slot(const char* op, int64_t num_rows, int64_t r) {
+  TORCH_CHECK(false, op, ": slots must be -1 (dropped) or in [0, num_rows=", num_rows, "), got ",
+              r);
+}
+
+// The checks of row_owners without its num_rows-sized map, for outputs that
+// hold no data (H = 0 or num_rows = 0, where num_rows may be huge): memory
+// and time follow the number of slots.
+void check_slots(const char* op, const at::Tensor& slots, int64_t num_rows) {
+  const int64_t n = slots.numel();
+  const int64_t* s = slots.const_data_ptr<int64_t>();
+  std::vector<int64_t> used;
+  for (int64_t i = 0; i < n; ++i) {
+    if (s[i] == -1) continue;
+    if (s[i] < 0 || s[i] >= num_rows) bad_slot(op, num_rows, s[i]);
+    used.push_back(s[i]);
+  }
+  std::sort(used.begin(), used.end());
+  const auto twice = std::adjacent_find(used.begin(), used.end());
+  TORCH_CHECK(twice == used.end(), op, ": slots must be unique, but row ", *twice,
+              " is assigned twice");
+}
+
+// Range checks of the slots a gather reads, for outputs that hold no data.
+void check_slot_range(const char* op, const at::Tensor& slots, int64_t num_rows) {
+  const int64_t n = slots.numel();
+  const int64_t* s = slots.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    if (s[i] != -1 && (s[i] < 0 || s[i] >= num_rows)) bad_slot(op, num_rows, s[i]);
+  }
+}
 
 // owners[r] = t * k + j for the assignment with slots[t, j] == r, or -1.
 // Raises on a slot outside [-1, num_rows) or a row claimed twice, which would
@@ -74,6 +107,10 @@ at::Tensor dispatch_cpu(const at::Tensor& x_in, const at::Tensor& slots_in, int6
   const at::Tensor x = x_in.contiguous(), slots = slots_in.contiguous();
   const int64_t H = x.size(1), k = slots.size(1);
   at::Tensor out = at::empty({num_rows, H}, x.options());
+  if (out.numel() == 0) {
+    check_slots(op, slots, num_rows);
+    return out;
+  }
   const std::vector<int64_t> owners = row_owners(op, slots, num_rows);
   const size_t row_bytes = H * x.element_size();
   const char* src = static_cast<const char*>(x.const_data_ptr());
@@ -97,6 +134,10 @@ at::Tensor dispatch_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor
   const at::Tensor g = grad_out_in.contiguous(), slots = slots_in.contiguous();
   const int64_t T = slots.size(0), k = slots.size(1), H = g.size(1);
   at::Tensor grad_x = at::empty({T, H}, g.options());
+  if (grad_x.numel() == 0) {  // T or H is 0 (the other maybe huge)
+    check_slot_range(op, slots, g.size(0));
+    return grad_x;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     gather_sum<scalar_t, acc_t, acc_t>(op, g.const_data_ptr<scalar_t>(), g.size(0),
@@ -114,6 +155,10 @@ at::Tensor combine_cpu(const at::Tensor& expert_out_in, const at::Tensor& slots_
   const at::Tensor slots = slots_in.contiguous(), weights = weights_in.contiguous();
   const int64_t T = slots.size(0), k = slots.size(1), H = rows.size(1);
   at::Tensor y = at::empty({T, H}, rows.options());
+  if (y.numel() == 0) {  // T or H is 0 (the other maybe huge)
+    check_slot_range(op, slots, rows.size(0));
+    return y;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), op, [&] {
     using row_t = scalar_t;
     using acc_t = at::opmath_type<row_t>;
@@ -184,6 +229,11 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& grad_y
   at::Tensor grad_expert_out = at::empty(expert_out.sizes(), expert_out.options());
   at::Tensor grad_rows = detail::rows_view(grad_expert_out);
   at::Tensor grad_weights = at::empty(weights.sizes(), weights.options());
+  if (rows.size(1) == 0) {  // H = 0: no data, every weight gradient is 0
+    check_slots(op, slots, rows.size(0));
+    grad_weights.zero_();
+    return {grad_expert_out, grad_weights};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), op, [&] {
     using row_t = scalar_t;
     if (weights.scalar_type() == at::kDouble) {

@@ -1,11 +1,13 @@
 // expert_choice on CPU: each expert takes the C tokens with the largest
 // scores[:, e] (ties to the lower token index), in descending order; padding
-// tokens are never taken, and slots left empty hold token -1 and weight 0.
+// tokens and scores of -inf or NaN are never taken, and slots left empty hold
+// token -1 and weight 0.
 #include <torch/library.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -22,7 +24,11 @@ void expert_choice_kernel(const scalar_t* scores, const bool* mask, int64_t T, i
     for (int64_t e = e_begin; e < e_end; ++e) {
       candidates.clear();
       for (int64_t t = 0; t < T; ++t) {
-        if (!mask || mask[t]) candidates.push_back(t);
+        // Padding, -inf and NaN scores are never taken.
+        const scalar_t score = scores[t * E + e];
+        if ((!mask || mask[t]) && score > -std::numeric_limits<scalar_t>::infinity()) {
+          candidates.push_back(t);
+        }
       }
       const int64_t taken = std::min<int64_t>(C, candidates.size());
       std::partial_sort(candidates.begin(), candidates.begin() + taken, candidates.end(),
@@ -59,8 +65,10 @@ std::tuple<at::Tensor, at::Tensor> expert_choice_cpu(const at::Tensor& scores_in
   return {weights, tokens};
 }
 
-// d scores[tokens[e, c], e] = d weights[e, c]: each (token, expert) pair is
-// taken at most once, so every gradient entry has one writer.
+// d scores[t, e] = sum of d weights[e, c] over the c with tokens[e, c] == t,
+// in c order. expert_choice takes a (token, expert) pair at most once, but a
+// caller's tokens may repeat one: its gradients add up. Each expert's column
+// has one writer (the thread of that expert), so no atomics are needed.
 at::Tensor expert_choice_backward_cpu(const at::Tensor& grad_weights_in,
                                       const at::Tensor& tokens_in, int64_t num_tokens) {
   constexpr const char* op = "moe_routing::expert_choice_backward";
@@ -79,7 +87,7 @@ at::Tensor expert_choice_backward_cpu(const at::Tensor& grad_weights_in,
           if (t == -1) continue;
           TORCH_CHECK(t >= 0 && t < num_tokens, op, ": tokens[", e, ", ", c, "] = ", t,
                       " is out of range [0, num_tokens=", num_tokens, ")");
-          out[t * E + e] = g[e * C + c];
+          out[t * E + e] += g[e * C + c];
         }
       }
     });

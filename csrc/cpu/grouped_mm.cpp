@@ -19,10 +19,11 @@ std::vector<int64_t> group_offsets(const char* op, const at::Tensor& counts_in, 
   std::vector<int64_t> offsets(counts.numel() + 1, 0);
   for (int64_t e = 0; e < counts.numel(); ++e) {
     TORCH_CHECK(c[e] >= 0, op, ": counts must be >= 0, got counts[", e, "] = ", c[e]);
+    // Compared before adding, so that no sum overflows.
+    TORCH_CHECK(c[e] <= rows - offsets[e], op, ": counts must sum to at most R=", rows,
+                " (the rows of x), but counts[0..", e, "] sum to more");
     offsets[e + 1] = offsets[e] + c[e];
   }
-  TORCH_CHECK(offsets.back() <= rows, op, ": counts sum to ", offsets.back(),
-              " rows, but x has only ", rows);
   return offsets;
 }
 

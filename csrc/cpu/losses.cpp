@@ -63,7 +63,8 @@ at::Tensor load_balancing_kernel(const at::Tensor& scores, const at::Tensor& exp
   const SequenceCounts c = count_assignments(op, experts, E, mask, seq_len);
   // partial[(s * blocks + b) * E + e] = sum of scores[t, e] over the valid
   // tokens of block b of sequence s: fixed blocks, so a fixed summation order.
-  const int64_t blocks = num_chunks(c.seq_len);
+  // seq_len divides T, so it exceeds T only when T = 0 (then seq_len may be huge).
+  const int64_t blocks = num_chunks(std::min(c.seq_len, T));
   std::vector<acc_t> partial(c.sequences * blocks * E, acc_t(0));
   const acc_t* sc = scores.const_data_ptr<acc_t>();
   at::parallel_for(0, c.sequences * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -106,8 +107,8 @@ at::Tensor load_balancing_loss_backward_cpu(const at::Tensor& grad, const at::Te
                                             const std::optional<at::Tensor>& mask,
                                             std::optional<int64_t> seq_len) {
   constexpr const char* op = "moe_routing::load_balancing_loss_backward";
-  detail::check_load_balancing_args(scores_in, experts_in, mask, detail::to_symint(seq_len));
-  TORCH_CHECK(grad.dim() == 0, op, ": grad must be a scalar, got shape ", grad.sizes());
+  detail::check_load_balancing_backward_args(grad, scores_in, experts_in, mask,
+                                             detail::to_symint(seq_len));
   const at::Tensor scores = scores_in.contiguous(), experts = experts_in.contiguous();
   at::Tensor mask_holder;
   const bool* m = detail::mask_data(mask, mask_holder);
@@ -194,8 +195,7 @@ at::Tensor z_loss_cpu(const at::Tensor& logits_in, const std::optional<at::Tenso
 at::Tensor z_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& logits_in,
                                const std::optional<at::Tensor>& mask) {
   constexpr const char* op = "moe_routing::z_loss_backward";
-  detail::check_z_loss_args(op, logits_in, mask);
-  TORCH_CHECK(grad.dim() == 0, op, ": grad must be a scalar, got shape ", grad.sizes());
+  detail::check_z_loss_backward_args(grad, logits_in, mask);
   const at::Tensor logits = logits_in.contiguous();
   at::Tensor mask_holder;
   const bool* m = detail::mask_data(mask, mask_holder);

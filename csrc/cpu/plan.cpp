@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <vector>
 
@@ -52,23 +53,31 @@ struct Assignments {
   }
 };
 
-// Token positions sorted by descending top-1 (largest) weight, ties in token
-// order: V-MoE batch-prioritised routing.
+// Weight order of "score" and "batch": the larger first, NaN below every
+// number (ties are left to the caller).
+inline bool heavier(double a, double b) { return !std::isnan(a) && (std::isnan(b) || a > b); }
+
+// Token positions sorted by descending top-1 (largest, NaN only when all are
+// NaN) weight, NaN last, ties in token order: V-MoE batch-prioritised routing.
 std::vector<int64_t> batch_priority_order(const double* weights, int64_t T, int64_t k) {
   std::vector<double> top1(T);
   for (int64_t t = 0; t < T; ++t) {
-    top1[t] = k ? *std::max_element(weights + t * k, weights + (t + 1) * k) : 0.0;
+    double best = k ? weights[t * k] : 0.0;
+    for (int64_t j = 1; j < k; ++j) {
+      if (heavier(weights[t * k + j], best)) best = weights[t * k + j];
+    }
+    top1[t] = best;
   }
   std::vector<int64_t> order(T);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return top1[a] > top1[b]; });
+                   [&](int64_t a, int64_t b) { return heavier(top1[a], top1[b]); });
   return order;
 }
 
 // For "score": given every expert's assignments packed in choice order
 // (owners[offset[e] .. offset[e] + load[e])), keeps the C heaviest per expert
-// (ties to the earlier one) and gives them rows e*C + 0.. in choice order.
+// (NaN lightest, ties to the earlier one) and gives them rows e*C + 0.. in choice order.
 void keep_heaviest(const std::vector<int64_t>& owners, const std::vector<int64_t>& offsets,
                    const int64_t* load, int64_t E, int64_t C, const double* weights,
                    int64_t* slots) {
@@ -85,7 +94,7 @@ void keep_heaviest(const std::vector<int64_t>& owners, const std::vector<int64_t
         std::nth_element(by_weight.begin(), by_weight.begin() + C, by_weight.end(),
                          [&](int64_t a, int64_t b) {
                            const double wa = weights[mine[a]], wb = weights[mine[b]];
-                           return wa > wb || (wa == wb && a < b);
+                           return heavier(wa, wb) || (!heavier(wb, wa) && a < b);
                          });
         for (int64_t i = 0; i < C; ++i) survives[by_weight[i]] = 1;
       }
@@ -180,6 +189,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plan_cpu(
                           priority, mask);
   const at::Tensor experts = experts_in.contiguous();
   const int64_t T = experts.size(0), k = experts.size(1);
+  if (experts.numel() == 0) {  // no assignment (T = 0 or k = 0, T maybe huge): nothing to walk
+    return {at::full({T, k}, -1, experts.options()), at::zeros({num_experts}, experts.options()),
+            at::zeros({num_experts}, experts.options())};
+  }
   at::Tensor mask_holder, weights;
   const bool* m = detail::mask_data(mask, mask_holder);
   // Weights only order assignments ("score", "batch"): float64 holds every float32 exactly.

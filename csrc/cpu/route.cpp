@@ -3,6 +3,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <numeric>
 #include <limits>
 #include <vector>
 
@@ -29,38 +31,66 @@ void score_row(acc_t* s, int64_t E, Score score) {
   }
 }
 
-// The k largest values of v[0:n] (indices into v), in descending order,
-// ties to the lower index: an insertion into a sorted list of length k.
+// The selection order of every top-k here: the larger value first, NaN below
+// everything (-inf included), ties (NaN with NaN too) to the lower index.
 template <typename acc_t>
-void top_k(const acc_t* v, int64_t n, int64_t k, int64_t* idx) {
-  int64_t filled = 0;
-  for (int64_t e = 0; e < n; ++e) {
-    const acc_t x = v[e];
-    if (filled == k && !(x > v[idx[k - 1]])) continue;
-    int64_t pos = filled < k ? filled++ : k - 1;
-    while (pos > 0 && x > v[idx[pos - 1]]) {
-      idx[pos] = idx[pos - 1];
-      --pos;
+inline bool ranks_before(acc_t va, int64_t ia, acc_t vb, int64_t ib) {
+  if (std::isnan(vb)) return !std::isnan(va) || ia < ib;
+  if (std::isnan(va)) return false;
+  return va > vb || (va == vb && ia < ib);
+}
+
+// Up to this k, an insertion into a sorted list of length k (one pass, most
+// values rejected by one comparison); above it, nth_element and a sort of the
+// k winners, O(n + k log k) instead of O(n k).
+constexpr int64_t kInsertionTopK = 32;
+
+// The k largest values of v[0:n] (indices into v), in selection order.
+// scratch holds n indices for large k.
+template <typename acc_t>
+void top_k(const acc_t* v, int64_t n, int64_t k, int64_t* idx, std::vector<int64_t>& scratch) {
+  if (k <= kInsertionTopK) {
+    int64_t filled = 0;
+    for (int64_t e = 0; e < n; ++e) {
+      const acc_t x = v[e];
+      if (filled == k && !ranks_before(x, e, v[idx[k - 1]], idx[k - 1])) continue;
+      int64_t pos = filled < k ? filled++ : k - 1;
+      while (pos > 0 && ranks_before(x, e, v[idx[pos - 1]], idx[pos - 1])) {
+        idx[pos] = idx[pos - 1];
+        --pos;
+      }
+      idx[pos] = e;
     }
-    idx[pos] = e;
+    return;
   }
+  scratch.resize(n);
+  std::iota(scratch.begin(), scratch.end(), int64_t(0));
+  const auto before = [v](int64_t a, int64_t b) { return ranks_before(v[a], a, v[b], b); };
+  if (k < n) std::nth_element(scratch.begin(), scratch.begin() + k, scratch.end(), before);
+  std::sort(scratch.begin(), scratch.begin() + k, before);
+  std::copy(scratch.begin(), scratch.begin() + k, idx);
 }
 
 // DeepSeek-V3 group-limited selection: keeps the topk_groups groups whose
-// two best values sum highest and sets every other group's values to -inf.
+// two best values (in selection order) sum highest and sets every other
+// group's values to -inf. A NaN among a group's best makes its score NaN,
+// which ranks last.
 template <typename acc_t>
 void mask_groups(acc_t* v, int64_t E, int64_t num_groups, int64_t topk_groups,
-                 acc_t* group_score, int64_t* best_groups) {
+                 acc_t* group_score, int64_t* best_groups, std::vector<char>& keep,
+                 std::vector<int64_t>& scratch) {
   const int64_t size = E / num_groups;
   for (int64_t g = 0; g < num_groups; ++g) {
     int64_t best[2];
     const int64_t top = std::min<int64_t>(2, size);
-    top_k(v + g * size, size, top, best);
+    top_k(v + g * size, size, top, best, scratch);
     group_score[g] = v[g * size + best[0]] + (top == 2 ? v[g * size + best[1]] : acc_t(0));
   }
-  top_k(group_score, num_groups, topk_groups, best_groups);
+  top_k(group_score, num_groups, topk_groups, best_groups, scratch);
+  keep.assign(num_groups, 0);
+  for (int64_t i = 0; i < topk_groups; ++i) keep[best_groups[i]] = 1;
   for (int64_t g = 0; g < num_groups; ++g) {
-    if (std::find(best_groups, best_groups + topk_groups, g) != best_groups + topk_groups) continue;
+    if (keep[g]) continue;
     std::fill(v + g * size, v + (g + 1) * size, -std::numeric_limits<acc_t>::infinity());
   }
 }
@@ -80,6 +110,8 @@ void route_kernel(const at::Tensor& logits, const acc_t* bias, int64_t k, Score 
     std::vector<acc_t> selection(separate_selection ? E : 0);
     std::vector<acc_t> group_score(num_groups);
     std::vector<int64_t> best_groups(topk_groups);
+    std::vector<char> keep;
+    std::vector<int64_t> scratch;
     for (int64_t t = begin; t < end; ++t) {
       acc_t* s = s_out + t * E;
       at::vec::convert(in + t * E, s, E);
@@ -94,12 +126,12 @@ void route_kernel(const at::Tensor& logits, const acc_t* bias, int64_t k, Score 
         }
         if (num_groups > 1) {
           mask_groups(selection.data(), E, num_groups, topk_groups, group_score.data(),
-                      best_groups.data());
+                      best_groups.data(), keep, scratch);
         }
         sel = selection.data();
       }
       int64_t* idx = e_out + t * k;
-      top_k(sel, E, k, idx);
+      top_k(sel, E, k, idx, scratch);
 
       acc_t* w = w_out + t * k;
       acc_t sum = 0;

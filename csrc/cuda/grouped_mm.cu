@@ -88,10 +88,13 @@ __global__ void offsets_kernel(const int64_t* __restrict__ counts, int64_t E, in
   offsets[0] = 0;
   for (int64_t e = 0; e < E; ++e) {
     CUDA_KERNEL_ASSERT(counts[e] >= 0 && "moe_routing::grouped_mm: counts must be >= 0");
-    running += counts[e];
+    // Compared before adding, so that no sum overflows.
+    CUDA_KERNEL_ASSERT(counts[e] <= R - running &&
+                       "moe_routing::grouped_mm: counts must sum to at most R (the rows of x)");
+    // Clamped as well, so that no kernel reads past x even with asserts off.
+    running += min(max(counts[e], int64_t(0)), R - running);
     offsets[e + 1] = running;
   }
-  CUDA_KERNEL_ASSERT(running <= R && "moe_routing::grouped_mm: counts sum to more rows than x has");
 }
 
 at::Tensor device_offsets(const at::Tensor& counts, int64_t R) {

@@ -104,7 +104,8 @@ struct Sequences {
 
 Sequences sequences_of(int64_t T, std::optional<int64_t> seq_len) {
   const int64_t L = seq_len.value_or(std::max<int64_t>(T, 1));
-  return {std::max<int64_t>(T / L, 1), L, ceil_div(L, kBlockTokens)};
+  // L divides T, so it exceeds T only when T = 0 (then L may be huge).
+  return {std::max<int64_t>(T / L, 1), L, ceil_div(std::min(L, T), kBlockTokens)};
 }
 
 // Counts and per-(sequence, expert) gradient coefficients.
@@ -168,8 +169,8 @@ at::Tensor load_balancing_loss_backward_cuda(const at::Tensor& grad, const at::T
                                              const std::optional<at::Tensor>& mask,
                                              std::optional<int64_t> seq_len) {
   constexpr const char* op = "moe_routing::load_balancing_loss_backward";
-  detail::check_load_balancing_args(scores_in, experts_in, mask, detail::to_symint(seq_len));
-  TORCH_CHECK(grad.dim() == 0, op, ": grad must be a scalar, got shape ", grad.sizes());
+  detail::check_load_balancing_backward_args(grad, scores_in, experts_in, mask,
+                                             detail::to_symint(seq_len));
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const at::Tensor experts = experts_in.contiguous();
   at::Tensor mask_holder;
@@ -308,8 +309,7 @@ at::Tensor z_loss_cuda(const at::Tensor& logits_in, const std::optional<at::Tens
 at::Tensor z_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& logits_in,
                                 const std::optional<at::Tensor>& mask) {
   constexpr const char* op = "moe_routing::z_loss_backward";
-  detail::check_z_loss_args(op, logits_in, mask);
-  TORCH_CHECK(grad.dim() == 0, op, ": grad must be a scalar, got shape ", grad.sizes());
+  detail::check_z_loss_backward_args(grad, logits_in, mask);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous();
   at::Tensor mask_holder;

@@ -10,6 +10,8 @@
 // first; "score" ranks in choice order, then keeps each expert's heaviest.
 #include <torch/library.h>
 
+#include <limits>
+
 #include "../moe_routing.h"
 #include "common.cuh"
 
@@ -195,7 +197,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plan_cuda(
   const bool* m = detail::mask_data(mask, mask_holder);
   at::Tensor order;
   if (priority == Priority::Batch) {  // positions by descending top-1 weight, ties in token order
-    const at::Tensor top1 = k > 0 ? std::get<0>(weights_in->to(at::kDouble).max(1)) : at::zeros({T}, long_opts.dtype(at::kDouble));
+    // Top-1 weight in selection order: the largest, NaN only when all are NaN
+    // (NaN ranks last: the sort below puts it after every number).
+    at::Tensor top1 = at::zeros({T}, long_opts.dtype(at::kDouble));
+    if (k > 0) {
+      const at::Tensor w = weights_in->to(at::kDouble);
+      const at::Tensor nan = w.isnan();
+      top1 = at::where(nan.all(1), std::numeric_limits<double>::quiet_NaN(),
+                       std::get<0>(w.masked_fill(nan, -std::numeric_limits<double>::infinity()).max(1)));
+    }
     order = std::get<1>(at::sort(top1.neg(), /*stable=*/true, 0, false)).contiguous();
   }
   const Walk w{experts.const_data_ptr<int64_t>(),

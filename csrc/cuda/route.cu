@@ -1,7 +1,7 @@
 // route on CUDA: a group of `width` lanes per token (8 or 16 for small E, a
 // warp up to E = 1024) holds the token's E logits in registers, computes the
 // scores with butterfly reductions, masks groups, picks the top k by k rounds
-// of in-register argmax (lower index wins ties) and writes weights, experts
+// of in-register argmax (NaN ranks last, the lower index wins ties) and writes weights, experts
 // and scores in one pass. The backward is one pass of the same shape.
 #include <torch/library.h>
 
@@ -14,9 +14,26 @@ namespace moe_routing::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxGroups = 32;
+constexpr int kMaxGroups = static_cast<int>(detail::kCudaMaxGroups);
 
-// (value, index) argmax over a lane group: larger value, then lower index.
+// x ranks above y: the larger, NaN below everything (-inf included).
+template <typename acc_t>
+__device__ __forceinline__ bool value_above(acc_t x, acc_t y) {
+  return !isnan(x) && (isnan(y) || x > y);
+}
+
+// Selection order (as on the CPU): value_above, ties (NaN with NaN too) to the
+// lower index; index INT_MAX (a lane with no candidate) ranks last.
+template <typename acc_t>
+__device__ __forceinline__ bool ranks_before(acc_t va, int ia, acc_t vb, int ib) {
+  if (ib == INT_MAX) return ia != INT_MAX;
+  if (ia == INT_MAX) return false;
+  if (value_above(va, vb)) return true;
+  if (value_above(vb, va)) return false;
+  return ia < ib;
+}
+
+// (value, index) argmax over a lane group in selection order.
 template <int width, typename acc_t>
 __device__ __forceinline__ void group_argmax(acc_t& value, int& index, acc_t& payload) {
 #pragma unroll
@@ -24,7 +41,7 @@ __device__ __forceinline__ void group_argmax(acc_t& value, int& index, acc_t& pa
     const acc_t v = __shfl_xor_sync(0xffffffffu, value, offset, width);
     const int i = __shfl_xor_sync(0xffffffffu, index, offset, width);
     const acc_t p = __shfl_xor_sync(0xffffffffu, payload, offset, width);
-    if (v > value || (v == value && i < index)) {
+    if (ranks_before(v, i, value, index)) {
       value = v;
       index = i;
       payload = p;
@@ -81,20 +98,25 @@ __global__ void __launch_bounds__(kThreads) route_kernel(
   }
 
   if (num_groups > 1) {
-    // Group score: the sum of the group's two best selection values (its best
-    // when a group has one expert); keep the topk_groups best groups.
+    // Group score: the sum of the group's two best selection values in
+    // selection order, NaN last (its best when a group has one expert); keep
+    // the topk_groups best groups. h1, h2: whether b1, b2 hold a value yet.
     const int size = E / num_groups;
     for (int g = 0; g < num_groups; ++g) {
       acc_t b1 = neg_inf, b2 = neg_inf;
+      int h1 = 0, h2 = 0;
 #pragma unroll
       for (int i = 0; i < vpt; ++i) {
         const int e = lane + width * i;
         if (e < E && e / size == g) {
-          if (sel[i] > b1) {
+          if (!h1 || value_above(sel[i], b1)) {
             b2 = b1;
+            h2 = h1;
             b1 = sel[i];
-          } else if (sel[i] > b2) {
+            h1 = 1;
+          } else if (!h2 || value_above(sel[i], b2)) {
             b2 = sel[i];
+            h2 = 1;
           }
         }
       }
@@ -102,9 +124,23 @@ __global__ void __launch_bounds__(kThreads) route_kernel(
       for (int offset = width / 2; offset > 0; offset /= 2) {
         const acc_t o1 = __shfl_xor_sync(0xffffffffu, b1, offset, width);
         const acc_t o2 = __shfl_xor_sync(0xffffffffu, b2, offset, width);
-        const acc_t hi = max(b1, o1), lo = min(b1, o1);
-        b2 = max(lo, max(b2, o2));
-        b1 = hi;
+        const int p1 = __shfl_xor_sync(0xffffffffu, h1, offset, width);
+        const int p2 = __shfl_xor_sync(0xffffffffu, h2, offset, width);
+        // The best two of the sorted pairs (b1, b2) and (o1, o2).
+        if (p1 && (!h1 || value_above(o1, b1))) {
+          if (p2 && (!h1 || value_above(o2, b1))) {
+            b2 = o2;
+            h2 = p2;
+          } else {
+            b2 = b1;
+            h2 = h1;
+          }
+          b1 = o1;
+          h1 = p1;
+        } else if (p1 && (!h2 || value_above(o1, b2))) {
+          b2 = o1;
+          h2 = p1;
+        }
       }
       if (lane == 0) group_scores[slot][g] = size == 1 ? b1 : b1 + b2;
     }
@@ -114,7 +150,7 @@ __global__ void __launch_bounds__(kThreads) route_kernel(
       int best = -1;
       for (int g = 0; g < num_groups; ++g) {
         if ((keep >> g) & 1u) continue;
-        if (best < 0 || group_scores[slot][g] > group_scores[slot][best]) best = g;
+        if (best < 0 || value_above(group_scores[slot][g], group_scores[slot][best])) best = g;
       }
       keep |= 1u << best;
     }
@@ -136,7 +172,7 @@ __global__ void __launch_bounds__(kThreads) route_kernel(
     for (int i = 0; i < vpt; ++i) {
       const int e = lane + width * i;
       if (e >= E || ((taken >> i) & 1u)) continue;
-      if (index == INT_MAX || sel[i] > value) {  // e grows with i: ties keep the lower
+      if (ranks_before(sel[i], e, value, index)) {  // e grows with i: ties keep the lower
         value = sel[i];
         index = e;
         payload = s[i];
@@ -224,7 +260,8 @@ void with_shape(const char* op, int64_t E, Launch&& launch) {
   if (E <= 128) return launch.template operator()<32, 4>();
   if (E <= 256) return launch.template operator()<32, 8>();
   if (E <= 512) return launch.template operator()<32, 16>();
-  TORCH_CHECK(E <= 1024, op, ": on CUDA E must be <= 1024, got ", E);
+  // check_route_cuda_limits has rejected E > kCudaMaxExperts.
+  TORCH_INTERNAL_ASSERT(E <= detail::kCudaMaxExperts, op, ": E=", E);
   return launch.template operator()<32, 32>();
 }
 
@@ -235,9 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
   constexpr const char* op = "moe_routing::route";
   const auto score = detail::parse_score(op, std::string(score_name));
   detail::check_route_args(logits_in, k, bias_in, num_groups, topk_groups);
-  TORCH_CHECK(k <= 32, op, ": on CUDA k must be <= 32, got ", k);
-  TORCH_CHECK(num_groups <= kMaxGroups, op, ": on CUDA num_groups must be <= ", kMaxGroups,
-              ", got ", num_groups);
+  detail::check_route_cuda_limits(op, logits_in.size(1), k, num_groups);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous();
   const int64_t T = logits.size(0), E = logits.size(1);
@@ -276,7 +311,7 @@ at::Tensor route_backward_cuda(const at::Tensor& grad_weights, const at::Tensor&
   detail::check_route_backward_args(grad_weights, grad_scores, weights, experts, scores,
                                     logits_dtype);
   const int64_t T = scores.size(0), E = scores.size(1), k = experts.size(1);
-  TORCH_CHECK(k <= 32, op, ": on CUDA k must be <= 32, got ", k);
+  detail::check_route_cuda_limits(op, E, k, 1);
   const c10::cuda::CUDAGuard guard(scores.device());
   at::Tensor grad_logits = at::empty({T, E}, scores.options().dtype(logits_dtype));
   if (T == 0) return grad_logits;
