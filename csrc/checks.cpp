@@ -3,6 +3,7 @@
 // nothing on the GPU.
 #include "moe_routing.h"
 
+#include <cmath>
 #include <limits>
 
 namespace moe_routing::detail {
@@ -287,6 +288,19 @@ void check_grouped_mm_inputs(const char* op, const at::Tensor& x, const at::Tens
 
 void check_grouped_mm_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& counts) {
   check_grouped_mm_inputs("moe_routing::grouped_mm", x, weight, counts);
+}
+
+void check_balanced_assignment_args(const at::Tensor& scores,
+                                    const std::optional<at::Tensor>& mask, int64_t iterations,
+                                    double epsilon) {
+  constexpr const char* op = "moe_routing::balanced_assignment";
+  check_dim(op, "scores", scores, 2, "[T, E]");
+  check_floating(op, "scores", scores);
+  TORCH_CHECK(scores.sym_size(1) >= 1, op, ": scores must have at least one expert column, got E=0");
+  TORCH_CHECK(iterations >= 0, op, ": iterations must be >= 0, got ", iterations);
+  TORCH_CHECK(epsilon > 0 && std::isfinite(epsilon), op, ": epsilon must be > 0 and finite, got ",
+              epsilon);
+  check_mask(op, mask, scores);
 }
 
 void check_z_loss_args(const char* op, const at::Tensor& logits,

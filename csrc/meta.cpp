@@ -118,6 +118,12 @@ at::Tensor grouped_mm_meta(const at::Tensor& x, const at::Tensor& weight, const 
   return empty({x.sym_size(0), weight.sym_size(2)}, x, x.scalar_type());
 }
 
+at::Tensor balanced_assignment_meta(const at::Tensor& scores, const std::optional<at::Tensor>& mask,
+                                    int64_t iterations, double epsilon) {
+  detail::check_balanced_assignment_args(scores, mask, iterations, epsilon);
+  return at::empty_symint({scores.sym_size(0)}, scores.options().dtype(at::kLong));
+}
+
 std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_meta(const at::Tensor& grad,
                                                             const at::Tensor& x,
                                                             const at::Tensor& weight,
@@ -146,4 +152,5 @@ TORCH_LIBRARY_IMPL(moe_routing, Meta, m) {
   m.impl("expert_choice_backward", &expert_choice_backward_meta);
   m.impl("grouped_mm", &grouped_mm_meta);
   m.impl("grouped_mm_backward", &grouped_mm_backward_meta);
+  m.impl("balanced_assignment", &balanced_assignment_meta);
 }

@@ -13,7 +13,7 @@
 namespace moe_routing {
 
 // ---------------------------------------------------------------------------
-// Ops (schemas in ops.cpp; semantics in DESIGN.md section 4 and reference.py)
+// Ops (schemas in ops.cpp; semantics in reference.py and the README)
 // ---------------------------------------------------------------------------
 
 // Scores every token against every expert and picks its top-k experts.
@@ -80,6 +80,13 @@ at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& weight, const at::T
 std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(const at::Tensor& grad, const at::Tensor& x,
                                                        const at::Tensor& weight,
                                                        const at::Tensor& counts);
+
+// BASE layers: each valid token gets one expert, expert e exactly
+// floor(V/E) + (e < V mod E) of the V valid tokens, by `iterations` auction
+// rounds then an in-order fill. Returns experts [T] int64 (-1 for padding).
+at::Tensor balanced_assignment(const at::Tensor& scores,
+                               const std::optional<at::Tensor>& mask = std::nullopt,
+                               int64_t iterations = 64, double epsilon = 1e-3);
 
 // ---------------------------------------------------------------------------
 // Shared argument checks: every backend (CPU, CUDA, Meta) calls these, so a
@@ -155,6 +162,10 @@ void check_expert_choice_backward_args(const at::Tensor& grad_weights, const at:
 void check_grouped_mm_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& counts);
 void check_grouped_mm_backward_args(const at::Tensor& grad, const at::Tensor& x,
                                     const at::Tensor& weight, const at::Tensor& counts);
+
+void check_balanced_assignment_args(const at::Tensor& scores,
+                                    const std::optional<at::Tensor>& mask, int64_t iterations,
+                                    double epsilon);
 
 // op is "moe_routing::z_loss" or "moe_routing::z_loss_backward".
 void check_z_loss_args(const char* op, const at::Tensor& logits,

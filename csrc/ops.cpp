@@ -185,6 +185,13 @@ at::Tensor expert_choice_backward(const at::Tensor& grad_weights, const at::Tens
   return handle.call(grad_weights, tokens, c10::SymInt(num_tokens));
 }
 
+at::Tensor balanced_assignment(const at::Tensor& scores, const std::optional<at::Tensor>& mask,
+                               int64_t iterations, double epsilon) {
+  static auto handle = op<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
+                                     double)>("moe_routing::balanced_assignment");
+  return handle.call(scores, mask, iterations, epsilon);
+}
+
 at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& counts) {
   static auto handle = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
       "moe_routing::grouped_mm");
@@ -262,6 +269,10 @@ TORCH_LIBRARY(moe_routing, m) {
   m.def(
       "grouped_mm_backward(Tensor grad, Tensor x, Tensor weight, Tensor counts) "
       "-> (Tensor grad_x, Tensor grad_weight)",
+      tags);
+  m.def(
+      "balanced_assignment(Tensor scores, *, Tensor? mask=None, int iterations=64, "
+      "float epsilon=0.001) -> Tensor",
       tags);
 }
 

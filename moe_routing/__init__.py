@@ -14,6 +14,7 @@ from .ops import (  # noqa: E402
     ExpertChoice,
     Plan,
     Routing,
+    balanced_assignment,
     capacity,
     combine,
     dispatch,
@@ -31,7 +32,8 @@ from .layers import (  # noqa: E402
 from . import reference  # noqa: E402,F401
 
 __all__ = [
-    "ExpertChoice", "Plan", "Routing", "capacity", "combine", "dispatch", "expert_choice",
+    "ExpertChoice", "Plan", "Routing", "balanced_assignment", "capacity", "combine", "dispatch",
+    "expert_choice",
     "expert_choice_slots", "grouped_mm", "load_balancing_loss", "plan", "route", "z_loss",
     "MoE", "Experts", "Router", "RouterOutput", "aux_loss", "expert_load", "routing_stats",
     "update_bias",

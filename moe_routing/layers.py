@@ -231,7 +231,7 @@ class MoE(nn.Module):
     With ``bias_update_rate`` > 0 call :meth:`update_bias` (or
     ``moe_routing.update_bias(model)``) after ``optimizer.step()``.
 
-    Routing:
+    Routing (``routing="balanced"`` is described last):
       * ``routing="tokens"`` (default): each token picks its top-k experts.
         Capacity is ``capacity(T, E, k, capacity_factor, min_capacity)`` in
         training and uses ``eval_capacity_factor`` (default: capacity_factor)
@@ -248,6 +248,12 @@ class MoE(nn.Module):
     Qwen2-MoE, Llama 4); ``shared_gate=True`` scales it per token by
     ``sigmoid(x w)`` (Qwen2-MoE). Padding tokens get its output too (their
     outputs are ignored anyway).
+    ``routing="balanced"``: BASE layers (Lewis et al. 2021), k = 1: in
+    training every expert takes exactly its share of the valid tokens
+    (:func:`balanced_assignment` on the router logits) and a token's output is
+    ``sigmoid(logit of its expert) * expert(x)``; no balancing loss; in eval
+    each token takes its best expert (greedy, as BASE does at test time)
+    under the eval capacity. The router's score defaults to "sigmoid".
     ``scale_inputs=True`` (Llama 4): expert e runs on ``x * w_e`` and its
     output is added unweighted, instead of ``w_e * expert_e(x)``.
     ``renormalize_after_drop=True`` (NLLB-MoE): after the capacity cut, the
@@ -266,13 +272,18 @@ class MoE(nn.Module):
                  shared_gate: bool = False, scale_inputs: bool = False,
                  renormalize_after_drop: bool = False, **router_options):
         super().__init__()
-        if routing not in ("tokens", "experts"):
-            raise ValueError(f"MoE: routing must be 'tokens' or 'experts', got {routing!r}")
+        if routing not in ("tokens", "experts", "balanced"):
+            raise ValueError(
+                f"MoE: routing must be 'tokens', 'experts' or 'balanced', got {routing!r}")
         if routing == "experts" and capacity_factor is None:
             raise ValueError("MoE: routing='experts' needs a capacity_factor")
-        if routing == "experts" and router_options.get("bias_update_rate", 0.0) > 0:
-            raise ValueError("MoE: routing='experts' balances by construction; "
+        if routing != "tokens" and router_options.get("bias_update_rate", 0.0) > 0:
+            raise ValueError(f"MoE: routing={routing!r} balances by construction; "
                              "bias_update_rate must be 0")
+        if routing == "balanced":
+            if k != 1:
+                raise ValueError(f"MoE: routing='balanced' (BASE layers) is top-1, got k={k}")
+            router_options.setdefault("score", "sigmoid")  # BASE's sigmoid-gated expert
         for factor in (capacity_factor, eval_capacity_factor):
             if factor is not None and factor <= 0:
                 raise ValueError("MoE: capacity factors must be > 0")
@@ -317,6 +328,8 @@ class MoE(nn.Module):
             factor = self.eval_capacity_factor
         if self.routing == "experts":
             y, load, kept, dropped = self._expert_choice(tokens, r.scores, factor, valid)
+        elif self.routing == "balanced" and self.training:
+            y, load, kept, dropped = self._balanced(tokens, r, valid)
         else:
             y, load, kept, dropped = self._token_choice(tokens, r, factor, valid)
         if self.shared_expert is not None:
@@ -326,7 +339,7 @@ class MoE(nn.Module):
             y = y + shared
         if _is_exporting():  # an inference graph needs neither losses nor statistics
             return y.view(shape)
-        balance = (torch.zeros((), device=x.device) if self.routing == "experts"
+        balance = (torch.zeros((), device=x.device) if self.routing != "tokens"
                    else ops.load_balancing_loss(r.scores, r.experts, mask=valid))
         z = ops.z_loss(r.logits, mask=valid)
         aux = self.aux_loss_weight * balance + self.z_loss_weight * z
@@ -396,6 +409,15 @@ class MoE(nn.Module):
         rows = [ops.dispatch(weights[:, j:j + 1], slots[:, j:j + 1], num_rows)
                 for j in range(slots.shape[1])]
         return torch.stack(rows).sum(0)
+
+    def _balanced(self, tokens, r: RouterOutput, valid):
+        """BASE layers in training: every expert takes exactly its share of
+        the valid tokens (balanced_assignment on the router logits), and each
+        token's output is sigmoid(its expert's logit) * expert(x)."""
+        experts = ops.balanced_assignment(r.logits, mask=valid).clamp_min(0)[:, None]
+        weights = torch.sigmoid(r.logits.gather(1, experts))
+        # Capacity ceil(T / E) (or min_capacity) holds each expert's share.
+        return self._token_choice(tokens, r._replace(weights=weights, experts=experts), 1.0, valid)
 
     def _expert_choice(self, tokens, scores, factor, valid):
         T, E, H = tokens.shape[0], self.num_experts, tokens.shape[-1]

@@ -290,3 +290,30 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> t
     device-side assert (and clamps, so that no kernel reads past ``x``).
     """
     return _ops.grouped_mm(x, weight, counts)
+
+
+def balanced_assignment(
+    scores: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    iterations: int = 64,
+    epsilon: float = 1e-3,
+) -> torch.Tensor:
+    """BASE layers (Lewis et al. 2021): a balanced assignment of tokens to
+    experts maximising the total score.
+
+    Every valid token gets one expert and expert e gets exactly
+    ``floor(V / E) + (e < V mod E)`` of the V valid tokens (so T / E each when
+    E divides T and nothing is padding). ``iterations`` rounds of an auction
+    (Bertsekas): each token without an expert bids for its best expert by
+    ``score - price``, raising the price by the gap to its second best plus
+    ``epsilon``; each expert keeps its highest bids (ties to the lower token
+    index). Tokens still without an expert after the rounds take the
+    remaining places in token order, so the balance is exact whatever the
+    round count; when the auction places every token, the total score is
+    within ``T * epsilon`` of the optimum (``epsilon`` is in the units of
+    ``scores``). One device-generic kernel of tensor operations: CPU and
+    CUDA, no host synchronisation, deterministic. Returns ``experts`` [T]
+    int64, -1 for padding. Not differentiable.
+    """
+    return _ops.balanced_assignment(scores, mask=mask, iterations=iterations, epsilon=epsilon)

@@ -208,3 +208,47 @@ def grouped_mm(x, weight, counts):
         out[start:start + n] = x[start:start + n] @ weight[e]
         start += n
     return out
+
+
+def balanced_assignment(scores, *, mask=None, iterations=64, epsilon=1e-3):
+    """BASE layers' balanced assignment by a fixed number of auction rounds,
+    token by token (the op does the same rounds with tensor operations).
+    Every valid token gets one expert; expert e gets exactly
+    floor(V / E) + (e < V mod E) of the V valid tokens; padding gets -1."""
+    T, E = scores.shape
+    s = torch.nan_to_num(scores.double(), nan=-1e300, posinf=1e300, neginf=-1e300).tolist()
+    valid = [True] * T if mask is None else mask.tolist()
+    V = sum(valid)
+    capacity = [V // E + (e < V % E) for e in range(E)]
+    price = [0.0] * E
+    held = [{} for _ in range(E)]  # expert -> {token: its bid}
+    owner = [-1] * T
+    for _ in range(iterations):
+        bids = [[] for _ in range(E)]
+        for t in range(T):
+            if not valid[t] or owner[t] >= 0:
+                continue
+            values = [s[t][e] - price[e] for e in range(E)]
+            order = sorted(range(E), key=lambda e: (-values[e], e))
+            best, second = order[0], order[min(1, E - 1)]
+            bids[best].append((price[best] + (values[best] - values[second]) + epsilon, t))
+        for e in range(E):
+            candidates = sorted([(b, t) for t, b in held[e].items()] + bids[e],
+                                key=lambda bt: (-bt[0], bt[1]))
+            kept, evicted = candidates[:capacity[e]], candidates[capacity[e]:]
+            for _, t in evicted:
+                owner[t] = -1
+            held[e] = {t: b for b, t in kept}
+            for _, t in kept:
+                owner[t] = e
+            if capacity[e] > 0 and len(kept) >= capacity[e]:
+                price[e] = min(b for b, _ in kept)
+    # Tokens still without an expert take the remaining places in token order.
+    free = [capacity[e] - len(held[e]) for e in range(E)]
+    e = 0
+    for t in range(T):
+        if valid[t] and owner[t] < 0:
+            while free[e] == 0:
+                e += 1
+            owner[t], free[e] = e, free[e] - 1
+    return torch.tensor(owner, dtype=torch.long, device=scores.device).view(T)

@@ -131,7 +131,7 @@ def test_router_rejects_bad_options(bad):
 
 
 def test_moe_rejects_bad_options():
-    with pytest.raises(ValueError, match="MoE: routing must be .tokens. or .experts."):
+    with pytest.raises(ValueError, match="MoE: routing must be .tokens., .experts. or .balanced."):
         mr.MoE(8, 16, 4, routing="hash")
     with pytest.raises(ValueError, match="MoE: priority must be"):
         mr.MoE(8, 16, 4, priority="fastest")
