@@ -253,6 +253,9 @@ class MoE(nn.Module):
     ``renormalize_after_drop=True`` (NLLB-MoE): after the capacity cut, the
     weights of a token's surviving choices are divided by their sum (clamped
     at float32 eps, so a fully dropped token gets zeros).
+    ``expert_parallel``: a process group or 1-D DeviceMesh over which the
+    experts are sharded (this rank holds E/W of them); see
+    :mod:`moe_routing.parallel`.
     ``router_options`` go to :class:`Router` (score, normalize, jitter, noise,
     bias_update_rate, fixed_bias, num_groups, ...).
     """

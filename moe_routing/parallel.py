@@ -15,7 +15,9 @@ Layouts
     the fixed [E/W, C, H] block of every destination rank's experts to it: one
     all_to_all of [E, C, H] there and one back, static shapes, no host
     synchronisation, functional collectives (works under
-    ``torch.compile(fullgraph=True)``). Expert e therefore runs on W*C rows
+    ``torch.compile(fullgraph=True)``). All ranks of the group must pass the
+    same number of tokens (C must agree; pad with the mask otherwise). Expert
+    e therefore runs on W*C rows
     (C from each rank, in source-rank order). The single-process reference is
     W separate ``plan`` calls, one per rank's token slice, concatenated.
   * dropless (``capacity_factor=None``): the per-expert counts are exchanged
@@ -54,13 +56,15 @@ expert buffers are assembled in fixed order and every all-reduce here is an
 all_gather followed by a sum in rank order, so results do not depend on
 message arrival order.
 
-Errors: a collective that fails or times out (the process group's timeout)
+Errors: a forward collective that fails or times out (the process group's timeout)
 raises a RuntimeError naming the layer (its qualified name after
 :func:`name_layers`, else ``MoE#<n>``, numbered in construction order) and the
 collective. Bad setups (E not divisible by W, ranks disagreeing on the layer
 configuration or on group membership) raise ValueError on every rank at
 construction, which is collective over the world: every rank constructs
-every expert-parallel layer in the same order.
+every expert-parallel layer in the same order. Collectives in backward
+(autograd's reverse all_to_all and reduce-scatter) raise the process group's
+own error, without the layer name.
 """
 from __future__ import annotations
 
