@@ -392,7 +392,13 @@ def sync_gradients(model: nn.Module, mesh, params: str = "all") -> None:
     whole mesh and divided by N. ``params``: "all", "expert" (only the
     sharded expert weights: use with DDP on the rest) or "replicated".
     Collective over the whole mesh; sums are all_gather + rank-order sums, so
-    the result is deterministic."""
+    the result is deterministic.
+
+    With DDP: ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+    model, expert_parameters(model))`` before wrapping, then
+    ``sync_gradients(model, mesh, params="expert")`` after backward. With
+    FSDP2: ``fully_shard(model, mesh=<1-D world mesh>, ignored_params={the
+    expert parameters})``, then the same call."""
     if params not in ("all", "expert", "replicated"):
         raise ValueError(f"sync_gradients: params must be 'all', 'expert' or 'replicated', "
                          f"got {params!r}")

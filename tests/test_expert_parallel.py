@@ -158,6 +158,8 @@ def _equality_worker(rank, world, cases, extra):
         _check_equal(rank, world, mesh, case)
     if "compile" in extra:
         _check_compile(rank, world, mesh)
+        _check_deterministic(rank, world, mesh)
+        _check_fsdp2(rank, world, mesh)
     if "errors" in extra:
         _check_errors(rank, world)
 
@@ -178,6 +180,57 @@ def _check_compile(rank, world, mesh):
     _close(y, y_eager, "compiled output")
     for p, g in zip(ep.parameters(), g_eager):
         _close(p.grad, g, "compiled grad")
+
+
+def _check_deterministic(rank, world, mesh):
+    """Same inputs twice: bitwise the same outputs and gradients (fixed
+    all_to_all layout, rank-order sums); and which dimension reduces what."""
+    _, ep = _make_pair(world, rank, mesh["expert"], 8, 2, capacity_factor=None)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(rank))
+    results = []
+    for _ in range(2):
+        ep.zero_grad()
+        y = ep(x)
+        (y.square().sum() + ep.aux_loss).backward()
+        results.append([y.detach()] + [p.grad.clone() for p in ep.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    dims = parallel.reduction_dims(ep)
+    assert dims["experts.w_in"] == ("data",) and dims["router.weight"] == ("data", "expert")
+
+
+def _check_fsdp2(rank, world, mesh):
+    """FSDP2 (fully_shard) on the replicated parameters, the expert weights
+    ignored by it and synced by sync_gradients: the global-batch gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def build(expert_parallel=None):
+        return torch.nn.Sequential(
+            torch.nn.Embedding(32, 16),
+            mr.MoE(16, 32, 4, 2, capacity_factor=None, expert_parallel=expert_parallel),
+            torch.nn.Linear(16, 32))
+
+    torch.manual_seed(0)
+    ref, model = build(), build(mesh["expert"])
+    El = 4 // world
+    sd = dict(ref.state_dict())
+    for name in ("1.experts.w_in", "1.experts.w_out"):
+        sd[name] = sd[name][rank * El:(rank + 1) * El]
+    model.load_state_dict(sd)
+    sharded = set(parallel.expert_parameters(model))
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)),
+                ignored_params={p for n, p in model.named_parameters() if n in sharded})
+    ids = torch.randint(0, 32, (world * 2, 8), generator=torch.Generator().manual_seed(0))
+    (F.cross_entropy(ref(ids).reshape(-1, 32), ids.reshape(-1)) + mr.aux_loss(ref)).backward()
+    mine = ids[2 * rank:2 * rank + 2]
+    (F.cross_entropy(model(mine).reshape(-1, 32), mine.reshape(-1))
+     + mr.aux_loss(model)).backward()
+    parallel.sync_gradients(model, mesh, params="expert")
+    _close(model[1].router.weight.grad.full_tensor(), ref[1].router.weight.grad, "fsdp2 router")
+    _close(model[2].weight.grad.full_tensor(), ref[2].weight.grad, "fsdp2 head")
+    _close(model[1].experts.w_in.grad, ref[1].experts.w_in.grad[rank * El:(rank + 1) * El],
+           "fsdp2 w_in")
 
 
 def _check_errors(rank, world):
