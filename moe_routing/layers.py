@@ -259,6 +259,9 @@ class MoE(nn.Module):
     ``renormalize_after_drop=True`` (NLLB-MoE): after the capacity cut, the
     weights of a token's surviving choices are divided by their sum (clamped
     at float32 eps, so a fully dropped token gets zeros).
+    ``expert_parallel``: a process group or 1-D DeviceMesh over which the
+    experts are sharded (this rank holds E/W of them); see
+    :mod:`moe_routing.parallel`.
     ``router_options`` go to :class:`Router` (score, normalize, jitter, noise,
     bias_update_rate, fixed_bias, num_groups, ...).
     """
@@ -270,7 +273,8 @@ class MoE(nn.Module):
                  z_loss_weight: float = 0.001, routing: str = "tokens",
                  activation: str = "gelu", shared_hidden: Optional[int] = None,
                  shared_gate: bool = False, scale_inputs: bool = False,
-                 renormalize_after_drop: bool = False, **router_options):
+                 renormalize_after_drop: bool = False, expert_parallel=None,
+                 **router_options):
         super().__init__()
         if routing not in ("tokens", "experts", "balanced"):
             raise ValueError(
@@ -295,7 +299,15 @@ class MoE(nn.Module):
         self.min_capacity, self.priority = min_capacity, priority
         self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
         self.router = Router(d_model, num_experts, k, **router_options)
-        self.experts = Experts(num_experts, d_model, d_hidden, activation)
+        # Expert parallelism (moe_routing.parallel): this rank holds E/W experts.
+        self._ep = None
+        if expert_parallel is not None:
+            from . import parallel
+            self._ep = parallel.setup(self, expert_parallel, num_experts=num_experts, k=k,
+                                      d_model=d_model, d_hidden=d_hidden,
+                                      capacity_factor=capacity_factor, routing=routing)
+        local = num_experts if self._ep is None else self._ep.num_local
+        self.experts = Experts(local, d_model, d_hidden, activation)
         self.d_model = d_model
         if (scale_inputs or renormalize_after_drop) and routing != "tokens":
             raise ValueError("MoE: scale_inputs and renormalize_after_drop need routing='tokens'")
@@ -319,6 +331,9 @@ class MoE(nn.Module):
         if mask is not None and mask.shape != x.shape[:-1]:
             raise ValueError(f"MoE: mask must have x's leading shape {tuple(x.shape[:-1])}, "
                              f"got {tuple(mask.shape)}")
+        if self._ep is not None:  # expert parallel: global losses and statistics
+            from . import parallel
+            return parallel.forward(self, x, mask)
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         valid = None if mask is None else mask.reshape(-1)
@@ -364,7 +379,11 @@ class MoE(nn.Module):
         since the last call (see :meth:`Router.update_bias`); call it after
         ``optimizer.step()``. ``group``: a process group to sum the load over
         first (e.g. ``dist.group.WORLD`` under DDP), so every rank holds the
-        same bias."""
+        same bias. With ``expert_parallel`` the default group is the layer's
+        statistics group (the whole world unless ``parallel.set_stats_group``
+        changed it), which contains the expert-parallel group."""
+        if group is None and self._ep is not None:
+            group = self._ep.stats_group
         self.router.update_bias(group)
 
     def __getstate__(self):
@@ -393,7 +412,10 @@ class MoE(nn.Module):
             # Llama 4: expert e sees x * w; its output is summed unweighted.
             rows = rows * self._row_weights(weights, p.slots, num_rows).to(rows.dtype)
             weights = (p.slots >= 0).to(weights.dtype)
-        if C is None:  # dropless: the packed layout and grouped matrix products
+        if self._ep is not None:  # expert parallel: all_to_all to the owning ranks
+            from . import parallel
+            out = parallel.run_experts(self, rows, p.kept, C)
+        elif C is None:  # dropless: the packed layout and grouped matrix products
             out = self.experts.forward_packed(rows, p.kept)
         else:
             out = self.experts(rows.view(E, C, tokens.shape[-1])).view(num_rows, tokens.shape[-1])

@@ -1,0 +1,442 @@
+"""Expert parallelism for :class:`moe_routing.MoE`.
+
+``MoE(..., expert_parallel=group_or_mesh_dim)`` shards the E experts over the
+W ranks of a process group (or a 1-D DeviceMesh, e.g. ``mesh["expert"]``):
+rank r holds experts [r*E/W, (r+1)*E/W) as ``experts.w_in`` [E/W, H, F] and
+``experts.w_out`` [E/W, F, H]. The router is replicated and routes the rank's
+own tokens; tokens travel to the ranks owning their experts with
+``all_to_all_single`` and come back the same way; combine runs where the
+tokens live.
+
+Layouts
+  * capacity (``capacity_factor`` set): **per-rank capacity**. Each rank plans
+    its own T_local tokens with C = capacity(T_local, E, k, factor) rows per
+    expert, exactly as a single-process layer would on that slice, and sends
+    the fixed [E/W, C, H] block of every destination rank's experts to it: one
+    all_to_all of [E, C, H] there and one back, static shapes, no host
+    synchronisation, functional collectives (works under
+    ``torch.compile(fullgraph=True)``). All ranks of the group must pass the
+    same number of tokens (C must agree; pad with the mask otherwise). Expert
+    e therefore runs on W*C rows
+    (C from each rank, in source-rank order). The single-process reference is
+    W separate ``plan`` calls, one per rank's token slice, concatenated.
+  * dropless (``capacity_factor=None``): the per-expert counts are exchanged
+    first (a small all_to_all), then the packed rows with variable splits. The
+    splits must be known on the host: **one host synchronisation per layer
+    forward** (as Megatron-Core's all-to-all token dispatcher does); the
+    backward reuses the splits. Results equal the single-process dropless
+    layer on the global batch up to float reassociation.
+
+Global losses and statistics
+  The balancing loss E * sum_e f_e P_e uses the expert counts and the sum of
+  router probabilities over the statistics group (default: the whole world,
+  i.e. data parallel x expert parallel; ``set_stats_group``), so its value is
+  the single-process loss of the global batch. The z-loss, router entropy,
+  load, kept and dropped fraction are global too. The float sums travel
+  through an autograd-aware all_gather (then a fixed-order sum), whose
+  backward sums the upstream gradients of all G ranks of the group: since
+  every rank computes the same global loss, each rank's local scores receive
+  G times their share of the global gradient. Gradient averaging over the G
+  ranks (DDP, or :func:`sync_gradients`) then gives
+  mean_r(G * g_r) = sum_r g_r = the gradient of the global-batch loss.
+  (The task loss convention is the usual one: each rank's loss is the mean
+  over its own tokens, so averaging over ranks gives the global mean.)
+
+Expert gradients
+  A local expert's weights get gradients only from the rows routed to it,
+  from every rank of its expert-parallel group. With each rank's loss a mean
+  over its own T_local tokens, the gradient of the global-batch mean is the
+  SUM over the data-parallel replicas of a shard divided by the world size
+  N = D*W (not by D). :func:`sync_gradients` does exactly that; when you use
+  DDP over the 'data' dimension for expert parameters instead, also divide
+  their gradients by W (Megatron-Core scales expert gradients the same way).
+
+Determinism: all_to_all_single has a fixed layout (source-rank order), the
+expert buffers are assembled in fixed order and every all-reduce here is an
+all_gather followed by a sum in rank order, so results do not depend on
+message arrival order.
+
+Errors: a forward collective that fails or times out (the process group's timeout)
+raises a RuntimeError naming the layer (its qualified name after
+:func:`name_layers`, else ``MoE#<n>``, numbered in construction order) and the
+collective. Bad setups (E not divisible by W, ranks disagreeing on the layer
+configuration or on group membership) raise ValueError on every rank at
+construction, which is collective over the world: every rank constructs
+every expert-parallel layer in the same order. Collectives in backward
+(autograd's reverse all_to_all and reduce-scatter) raise the process group's
+own error, without the layer name.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import ops
+
+_layer_ids = itertools.count()
+
+
+def _fc():
+    import torch.distributed._functional_collectives as fc
+    return fc
+
+
+def _resolve_group(expert_parallel):
+    """A ProcessGroup from a ProcessGroup or a 1-D DeviceMesh (a mesh dimension)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    if isinstance(expert_parallel, DeviceMesh):
+        if expert_parallel.ndim != 1:
+            raise ValueError(
+                "MoE: expert_parallel must be a 1-D DeviceMesh (a mesh dimension such as "
+                f"mesh['expert']) or a ProcessGroup, got a {expert_parallel.ndim}-D mesh "
+                f"with dimensions {expert_parallel.mesh_dim_names}")
+        return expert_parallel.get_group()
+    if isinstance(expert_parallel, dist.ProcessGroup):
+        return expert_parallel
+    raise ValueError("MoE: expert_parallel must be a ProcessGroup or a 1-D DeviceMesh, got "
+                     f"{type(expert_parallel).__name__}")
+
+
+class ExpertParallel:
+    """Per-layer expert-parallel state (held as ``moe._ep``)."""
+
+    def __init__(self, group, num_experts: int, name: str):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.num_local = num_experts // self.world
+        self.first_expert = self.rank * self.num_local
+        self.name = name
+        self.stats_group = dist.group.WORLD
+
+    def __deepcopy__(self, memo):  # process groups are shared, not copied
+        return self
+
+    def __repr__(self):
+        return (f"ExpertParallel(name={self.name!r}, world={self.world}, rank={self.rank}, "
+                f"experts=[{self.first_expert}, {self.first_expert + self.num_local}))")
+
+
+def setup(moe: nn.Module, expert_parallel, *, num_experts: int, k: int, d_model: int,
+          d_hidden: int, capacity_factor, routing: str) -> ExpertParallel:
+    """Validates the expert-parallel configuration on every rank (a collective
+    over the world) and returns the layer's :class:`ExpertParallel`."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("MoE: expert_parallel needs an initialised torch.distributed "
+                         "process group (dist.init_process_group)")
+    group = _resolve_group(expert_parallel)
+    W = dist.get_world_size(group)
+    name = f"MoE#{next(_layer_ids)}"
+    members = tuple(dist.get_process_group_ranks(group))
+    config = dict(num_experts=num_experts, k=k, d_model=d_model, d_hidden=d_hidden,
+                  capacity_factor=capacity_factor, routing=routing, group=members)
+    # Every rank sees every rank's configuration, so every rank raises the
+    # same error (nobody is left waiting in a later collective).
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, config)
+    me = dist.get_rank()
+    for rank, theirs in enumerate(gathered):  # checked by every rank, for every rank
+        for member in theirs["group"]:
+            if gathered[member]["group"] != theirs["group"]:
+                raise ValueError(
+                    f"MoE ({name}): mismatched expert-parallel groups: global rank {rank} uses "
+                    f"ranks {list(theirs['group'])} but global rank {member} uses ranks "
+                    f"{list(gathered[member]['group'])}; every rank of a group must pass the "
+                    "same group (mesh dimension)")
+    for rank in members:
+        other = gathered[rank]
+        diff = {key: (config[key], other[key]) for key in config if config[key] != other[key]}
+        if diff:
+            raise ValueError(
+                f"MoE ({name}): ranks of the expert-parallel group disagree on the layer "
+                f"configuration (rank {me} vs rank {rank}): {diff}")
+    if routing != "tokens":
+        raise ValueError("MoE: expert_parallel supports routing='tokens' only")
+    if num_experts % W != 0:
+        raise ValueError(f"MoE: num_experts E={num_experts} must be divisible by the "
+                         f"expert-parallel size W={W}")
+    return ExpertParallel(group, num_experts, name)
+
+
+def name_layers(model: nn.Module, prefix: str = "") -> None:
+    """Names every expert-parallel MoE of ``model`` by its qualified name, used
+    in error messages of failing collectives."""
+    for name, module in model.named_modules(prefix=prefix):
+        ep = getattr(module, "_ep", None)
+        if isinstance(ep, ExpertParallel):
+            ep.name = name or ep.name
+
+
+def set_stats_group(model: nn.Module, group) -> None:
+    """Sets the group over which the balancing loss, z-loss, statistics and
+    (by default) the bias update of every expert-parallel MoE of ``model`` are
+    aggregated. Default: the whole world. It must contain the expert-parallel
+    group, and the router's gradients must be averaged over exactly it."""
+    for module in model.modules():
+        ep = getattr(module, "_ep", None)
+        if isinstance(ep, ExpertParallel):
+            ep.stats_group = group
+
+
+class _Guard:
+    """Re-raises a failing collective's error with the layer's name."""
+
+    def __init__(self, ep: ExpertParallel, what: str):
+        self.ep, self.what = ep, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is not None and isinstance(error, (RuntimeError, dist.DistError)):
+            raise RuntimeError(
+                f"moe_routing.parallel: collective {self.what} of layer {self.ep.name!r} "
+                f"(expert-parallel rank {self.ep.rank} of {self.ep.world}) failed: {error}"
+            ) from error
+        return False
+
+
+def _collective(ep: ExpertParallel, what: str, fn):
+    if torch.compiler.is_compiling():
+        return fn()
+    with _Guard(ep, what):
+        out = fn()
+        if isinstance(out, torch.Tensor):
+            out = _fc().wait_tensor(out)
+        return out
+
+
+def _all_to_all(ep, x, out_splits=None, in_splits=None, what="all_to_all"):
+    return _collective(ep, what, lambda: _fc().all_to_all_single_autograd(
+        x.contiguous(), out_splits, in_splits, ep.group))
+
+
+def _gather_fn(differentiable):
+    fc = _fc()
+    if differentiable:  # all_gather_single* in newer torch, all_gather_tensor* before
+        return getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+    return getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
+
+
+def _sum_over(ep, group, x, what, differentiable=True):
+    """Sum of x over ``group`` as all_gather + a sum in rank order
+    (deterministic); its backward sums the upstream gradients of every rank."""
+    gather = _gather_fn(differentiable)
+    n = dist.get_world_size(group)
+    out = _collective(ep, what, lambda: gather(x.contiguous()[None], 0, group))
+    return out.view(n, *x.shape).sum(0)
+
+
+# ----------------------------------------------------------------- forward
+
+def run_experts(moe, rows: torch.Tensor, kept: torch.Tensor, C) -> torch.Tensor:
+    """The expert step of an expert-parallel layer: rows [E*C, H] (capacity)
+    or the packed [T*k, H] (dropless, ``kept`` [E] rows per expert) of this
+    rank's tokens -> the expert outputs in the same layout."""
+    if C is None:
+        return _run_dropless(moe, rows, kept)
+    ep, E, H = moe._ep, moe.num_experts, rows.shape[-1]
+    W, El = ep.world, ep.num_local
+    # [E, C, H] = [W (destination), El, C, H]: one fixed block per rank.
+    received = _all_to_all(ep, rows, what="all_to_all(dispatch)")
+    # [W (source), El, C, H] -> expert-major [El, W*C, H]
+    buffer = received.view(W, El, C, H).transpose(0, 1).reshape(El, W * C, H)
+    out = moe.experts(buffer)
+    back = out.view(El, W, C, H).transpose(0, 1).reshape(E * C, H)
+    return _all_to_all(ep, back, what="all_to_all(combine)").view(E * C, H)
+
+
+def _run_dropless(moe, rows, kept):
+    ep, H = moe._ep, rows.shape[-1]
+    W, El = ep.world, ep.num_local
+    # Counts: send_counts[d, e] = rows of this rank for expert d*El + e.
+    send_counts = kept.view(W, El)
+    recv_counts = _all_to_all(ep, send_counts, what="all_to_all(counts)").view(W, El)
+    # The single host synchronisation of the layer: splits for the exchange.
+    both = torch.cat([send_counts.sum(1), recv_counts.reshape(-1)]).tolist()
+    in_splits, recv = both[:W], both[W:]
+    out_splits = [sum(recv[s * El:(s + 1) * El]) for s in range(W)]
+    sent = sum(in_splits)
+    received = _all_to_all(ep, rows[:sent], out_splits, in_splits, what="all_to_all(dispatch)")
+    # received is source-major (source s, then its local experts); regroup
+    # expert-major for the grouped products, in fixed (expert, source) order.
+    starts, pos = [], 0
+    for c in recv:
+        starts.append(pos)
+        pos += c
+    order = [torch.arange(starts[s * El + e], starts[s * El + e] + recv[s * El + e])
+             for e in range(El) for s in range(W)]
+    index = (torch.cat(order) if order else torch.zeros(0, dtype=torch.long)).to(rows.device)
+    per_expert = recv_counts.sum(0)
+    out = moe.experts.forward_packed(received.index_select(0, index), per_expert)
+    inverse = torch.empty_like(index)
+    inverse[index] = torch.arange(index.numel(), device=index.device)
+    back = _all_to_all(ep, out.index_select(0, inverse), in_splits, out_splits,
+                       what="all_to_all(combine)")
+    pad = rows.new_zeros(rows.shape[0] - sent, H)
+    return torch.cat([back, pad])
+
+
+def forward(moe, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MoE.forward of an expert-parallel layer (the same steps as the
+    single-process forward, with global losses and statistics)."""
+    from .layers import _in_backward, _is_exporting
+    ep = moe._ep
+    shape = x.shape
+    tokens = x.reshape(-1, shape[-1])
+    valid = None if mask is None else mask.reshape(-1)
+    r = moe.router(tokens, valid)
+    factor = moe.capacity_factor
+    if not moe.training and moe.eval_capacity_factor is not None:
+        factor = moe.eval_capacity_factor
+    y, load, kept, _ = moe._token_choice(tokens, r, factor, valid)
+    if moe.shared_expert is not None:
+        shared = moe.shared_expert(tokens[None])[0]
+        if moe.shared_gate is not None:
+            shared = torch.sigmoid(moe.shared_gate(tokens)) * shared
+        y = y + shared
+    if _is_exporting():
+        return y.view(shape)
+    balance, z, stats = global_losses_and_stats(ep, r, load, kept, valid, moe.num_experts, moe.k)
+    aux = moe.aux_loss_weight * balance + moe.z_loss_weight * z
+    if _in_backward():
+        return y.view(shape)
+    moe.aux_loss = aux
+    moe.stats = stats
+    return y.view(shape)
+
+
+def global_losses_and_stats(ep, r, load, kept, valid, E, k):
+    """Balancing loss, z-loss and statistics over ``ep.stats_group`` (see the
+    module docstring for the gradient convention)."""
+    group = ep.stats_group
+    scores = r.scores
+    n_local = (torch.tensor(scores.shape[0], device=scores.device) if valid is None
+               else valid.sum())
+    w = None if valid is None else valid.to(scores.dtype)[:, None]
+    score_sum = scores.sum(0) if w is None else (scores * w).sum(0)  # [E]
+    lse = torch.logsumexp(r.logits.float(), dim=-1)
+    z_sum = (lse ** 2).sum() if valid is None else (lse ** 2 * valid).sum()
+    p = scores.detach() / scores.detach().sum(-1, keepdim=True).clamp_min(1e-30)
+    ent = -(p * p.clamp_min(1e-30).log()).sum(-1)
+    ent_sum = ent.sum() if valid is None else (ent * valid).sum()
+    counts = torch.cat([load, kept, n_local.reshape(1).long()])
+    counts = _sum_over(ep, group, counts, "all_gather(counts)", differentiable=False)
+    floats = torch.cat([score_sum, z_sum.reshape(1), ent_sum.reshape(1).to(score_sum.dtype)])
+    floats = _sum_over(ep, group, floats, "all_gather(router sums)")
+    load_g, kept_g, n_g = counts[:E], counts[E:2 * E], counts[2 * E]
+    n = n_g.clamp_min(1).to(scores.dtype)
+    f = load_g.to(scores.dtype) / (n * k)
+    P = floats[:E] / n
+    balance = E * (f * P).sum()
+    z = floats[E] / n
+    load_f = load_g.float()
+    stats = {
+        "load": load_g,
+        "kept": kept_g,
+        "dropped_fraction": (1.0 - kept_g.sum() / load_g.sum().clamp_min(1)).detach(),
+        "router_entropy": (floats[E + 1] / n).detach().float(),
+        "max_over_mean_load": load_f.max() / load_f.mean().clamp_min(1e-30),
+        "balance_loss": balance.detach(),
+        "z_loss": z.detach(),
+    }
+    return balance, z, stats
+
+
+# --------------------------------------------------- meshes and gradients
+
+def expert_data_mesh(world_size: int, expert_parallel_size: int, device_type: str = "cpu"):
+    """The 2-D DeviceMesh (data x expert) of shape
+    (world_size // expert_parallel_size, expert_parallel_size) with dimension
+    names ("data", "expert"): global rank = d * W + e, so an expert-parallel
+    group is W consecutive ranks. Pass ``mesh["expert"]`` to
+    ``MoE(expert_parallel=...)``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    if expert_parallel_size < 1 or world_size % expert_parallel_size != 0:
+        raise ValueError(f"expert_data_mesh: world_size={world_size} must be divisible by "
+                         f"expert_parallel_size={expert_parallel_size}")
+    return init_device_mesh(device_type, (world_size // expert_parallel_size,
+                                          expert_parallel_size),
+                            mesh_dim_names=("data", "expert"))
+
+
+def expert_parameters(model: nn.Module) -> list:
+    """Qualified names of the expert-parallel (sharded) parameters of ``model``."""
+    names = []
+    for prefix, module in model.named_modules():
+        if isinstance(getattr(module, "_ep", None), ExpertParallel):
+            for pname, _ in module.experts.named_parameters():
+                names.append(f"{prefix}.experts.{pname}" if prefix else f"experts.{pname}")
+    return names
+
+
+def reduction_dims(model: nn.Module) -> dict:
+    """Parameter name -> the mesh dimensions its gradient is reduced over:
+    ("data",) for expert-parallel expert weights (their replicas are the
+    data-parallel copies of the same shard), ("data", "expert") (the whole
+    world) for everything else (router, shared experts, attention, ...)."""
+    sharded = set(expert_parameters(model))
+    return {name: (("data",) if name in sharded else ("data", "expert"))
+            for name, _ in model.named_parameters()}
+
+
+@torch.no_grad()
+def sync_gradients(model: nn.Module, mesh, params: str = "all") -> None:
+    """Averages gradients for data x expert parallelism without DDP: expert
+    weights are summed over mesh["data"] and divided by the world size N
+    (see the module docstring), every other parameter is summed over the
+    whole mesh and divided by N. ``params``: "all", "expert" (only the
+    sharded expert weights: use with DDP on the rest) or "replicated".
+    Collective over the whole mesh; sums are all_gather + rank-order sums, so
+    the result is deterministic.
+
+    With DDP: ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+    model, expert_parameters(model))`` before wrapping, then
+    ``sync_gradients(model, mesh, params="expert")`` after backward. With
+    FSDP2: ``fully_shard(model, mesh=<1-D world mesh>, ignored_params={the
+    expert parameters})``, then the same call."""
+    if params not in ("all", "expert", "replicated"):
+        raise ValueError(f"sync_gradients: params must be 'all', 'expert' or 'replicated', "
+                         f"got {params!r}")
+    dims = reduction_dims(model)
+    named = dict(model.named_parameters())
+    total = mesh.size()
+    buckets = {("data",): [], ("data", "expert"): []}
+    for name, dim in dims.items():
+        p = named[name]
+        if p.grad is None:
+            continue
+        if (params == "expert" and dim != ("data",)) or (params == "replicated" and dim == ("data",)):
+            continue
+        buckets[dim].append(p)
+    fc = _fc()
+    for dim, ps in buckets.items():
+        if not ps:
+            continue
+        groups = {}
+        for p in ps:
+            groups.setdefault(p.grad.dtype, []).append(p)
+        group = mesh["data"].get_group() if dim == ("data",) else None
+        for dtype, same in groups.items():
+            flat = torch.cat([p.grad.reshape(-1) for p in same])
+            if group is None:
+                n = total
+                gathered = _gather_fn(False)(flat[None], 0, _mesh_world(mesh))
+            else:
+                n = dist.get_world_size(group)
+                gathered = _gather_fn(False)(flat[None], 0, group)
+            flat = fc.wait_tensor(gathered).view(n, -1).sum(0) / total
+            offset = 0
+            for p in same:
+                p.grad.copy_(flat[offset:offset + p.grad.numel()].view_as(p.grad))
+                offset += p.grad.numel()
+
+
+def _mesh_world(mesh):
+    if mesh.size() == dist.get_world_size():
+        return dist.group.WORLD
+    return mesh._flatten().get_group()

@@ -1,0 +1,337 @@
+"""Expert parallelism (moe_routing.parallel) on CPU with gloo: spawned
+processes compare the expert-parallel layer with the single-process layer on
+the same global batch and weights. Several checks share one spawn to keep the
+file fast on small machines."""
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import moe_routing as mr
+from moe_routing import parallel
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _entry(rank, world, init_file, fn, args):
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp_path, world, fn, *args):
+    mp.spawn(_entry, args=(world, str(tmp_path / "init"), fn, args), nprocs=world, join=True)
+
+
+def _close(a, b, what, rtol=RTOL, atol=ATOL):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+# ------------------------------------------------------------------ equality
+
+def _make_pair(world, rank, group, E, k, H=8, Fh=16, seed=0, dead_expert=False, **options):
+    """A single-process reference MoE and an expert-parallel copy with the
+    same weights (experts sliced)."""
+    torch.manual_seed(seed)
+    ref = mr.MoE(H, Fh, E, k, **options)
+    if dead_expert:  # expert 0 is never chosen: inputs are positive, its row negative
+        with torch.no_grad():
+            ref.router.weight[0] = -1.0
+    ep = mr.MoE(H, Fh, E, k, expert_parallel=group, **options)
+    El = E // world
+    assert ep.experts.w_in.shape == (El, H, ep.experts.w_in.shape[-1])
+    assert ep.experts.w_out.shape == (El, Fh, H)
+    sd = {name: t for name, t in ref.state_dict().items()}
+    for name in ("experts.w_in", "experts.w_out"):
+        sd[name] = sd[name][rank * El:(rank + 1) * El]
+    ep.load_state_dict(sd)
+    return ref, ep
+
+
+def _reference(ref, x, mask, world, per_rank_capacity):
+    """Single-process reference on the global batch x [W*T, H]: dropless on
+    the whole batch; capacity as W separate plans (one per rank's slice),
+    concatenated. The losses are those of the global batch."""
+    if per_rank_capacity:
+        ys, kept = [], 0
+        for xs, ms in zip(x.chunk(world), (mask.chunk(world) if mask is not None
+                                          else [None] * world)):
+            ys.append(ref(xs, ms))
+            kept = kept + ref.stats["kept"]
+        y = torch.cat(ys)
+    else:
+        y = ref(x, mask)
+        kept = ref.stats["kept"]
+    r = ref.router(x, mask)
+    balance = mr.load_balancing_loss(r.scores, r.experts, mask=mask)
+    z = mr.z_loss(r.logits, mask=mask)
+    aux = ref.aux_loss_weight * balance + ref.z_loss_weight * z
+    stats = mr.routing_stats(r.scores.detach(), mr.expert_load(r.experts, ref.num_experts, mask),
+                             kept, torch.zeros(()), mask)
+    stats.update(balance_loss=balance.detach(), z_loss=z.detach())
+    return y, aux, stats
+
+
+def _check_equal(rank, world, mesh, case):
+    E, k = case["E"], case["k"]
+    options = dict(case.get("options", {}))
+    T = case.get("T", 12)
+    ref, ep = _make_pair(world, rank, mesh["expert"], E, k, dead_expert=case.get("dead", False),
+                         **options)
+    torch.manual_seed(100)
+    x = torch.randn(world * T, 8)
+    if case.get("dead", False):
+        x = x.abs()
+    mask = None
+    if case.get("padding", False):
+        mask = torch.rand(world * T) > 0.3
+        mask[T:2 * T] = False  # rank 1 holds only padding
+    g = torch.randn(world * T, 8)
+    capacity = options.get("capacity_factor", 1.25) is not None
+    y_ref, aux_ref, stats_ref = _reference(ref, x, mask, world, capacity)
+    loss_ref = (y_ref * g).sum() / (world * T) + aux_ref
+    loss_ref.backward()
+
+    sl = slice(rank * T, (rank + 1) * T)
+    y = ep(x[sl], None if mask is None else mask[sl])
+    loss = (y * g[sl]).sum() / T + ep.aux_loss
+    loss.backward()
+    parallel.sync_gradients(ep, mesh)
+    name = case["name"]
+    _close(y, y_ref[sl].detach(), f"{name} output")
+    _close(ep.aux_loss, aux_ref, f"{name} aux_loss")
+    for key in ("load", "kept"):
+        assert torch.equal(ep.stats[key], stats_ref[key]), (name, key, ep.stats[key], stats_ref[key])
+    for key in ("balance_loss", "z_loss", "router_entropy", "max_over_mean_load"):
+        _close(ep.stats[key], stats_ref[key], f"{name} stats[{key}]")
+    El = E // world
+    grads_ref = {n: p.grad for n, p in ref.named_parameters()}
+    for n, p in ep.named_parameters():
+        expected = grads_ref[n]
+        if n.startswith("experts."):
+            expected = expected[rank * El:(rank + 1) * El]
+        _close(p.grad, expected, f"{name} grad {n}", rtol=RTOL, atol=1e-6)
+    if case.get("dead", False):
+        assert ep.stats["load"][0] == 0
+
+
+CASES_2 = [
+    dict(name="dropless uneven + padding rank", E=8, k=2, padding=True,
+         options=dict(capacity_factor=None)),
+    dict(name="capacity drops, per-rank capacity", E=4, k=2, T=16,
+         options=dict(capacity_factor=0.5, min_capacity=1)),
+    dict(name="capacity score priority + renormalize", E=4, k=2, padding=True,
+         options=dict(capacity_factor=1.0, min_capacity=1, priority="score",
+                      renormalize_after_drop=True)),
+    dict(name="dead expert dropless swiglu shared", E=4, k=1, dead=True,
+         options=dict(capacity_factor=None, activation="swiglu", shared_hidden=8,
+                      score="sigmoid")),
+    dict(name="E/W=1 capacity scale_inputs", E=2, k=1,
+         options=dict(capacity_factor=1.25, scale_inputs=True)),
+    dict(name="k=E dropless", E=4, k=4, options=dict(capacity_factor=None)),
+    dict(name="k=E capacity", E=4, k=4, options=dict(capacity_factor=1.0)),
+]
+
+CASES_4 = [
+    dict(name="dropless uneven + padding rank (W=4)", E=8, k=2, padding=True,
+         options=dict(capacity_factor=None)),
+    dict(name="capacity drops (W=4)", E=8, k=2, T=10,
+         options=dict(capacity_factor=0.5, min_capacity=1)),
+    dict(name="E/W=1 k=E (W=4)", E=4, k=4, options=dict(capacity_factor=None)),
+    dict(name="dead expert capacity (W=4)", E=8, k=2, dead=True,
+         options=dict(capacity_factor=1.0)),
+]
+
+
+def _equality_worker(rank, world, cases, extra):
+    mesh = parallel.expert_data_mesh(world, world)
+    for case in cases:
+        _check_equal(rank, world, mesh, case)
+    if "compile" in extra:
+        _check_compile(rank, world, mesh)
+        _check_deterministic(rank, world, mesh)
+        _check_fsdp2(rank, world, mesh)
+    if "errors" in extra:
+        _check_errors(rank, world)
+
+
+def _check_compile(rank, world, mesh):
+    """Capacity layout under torch.compile(fullgraph=True): functional
+    collectives trace without a graph break and match eager."""
+    ref, ep = _make_pair(world, rank, mesh["expert"], 4, 2, capacity_factor=1.0)
+    torch.manual_seed(7)
+    x = torch.randn(12, 8, requires_grad=True)
+    y_eager = ep(x)
+    (y_eager.sum() + ep.aux_loss).backward()
+    g_eager = [p.grad.clone() for p in ep.parameters()]
+    ep.zero_grad()
+    compiled = torch.compile(ep, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    (y.sum() + ep.aux_loss).backward()
+    _close(y, y_eager, "compiled output")
+    for p, g in zip(ep.parameters(), g_eager):
+        _close(p.grad, g, "compiled grad")
+
+
+def _check_deterministic(rank, world, mesh):
+    """Same inputs twice: bitwise the same outputs and gradients (fixed
+    all_to_all layout, rank-order sums); and which dimension reduces what."""
+    _, ep = _make_pair(world, rank, mesh["expert"], 8, 2, capacity_factor=None)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(rank))
+    results = []
+    for _ in range(2):
+        ep.zero_grad()
+        y = ep(x)
+        (y.square().sum() + ep.aux_loss).backward()
+        results.append([y.detach()] + [p.grad.clone() for p in ep.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    dims = parallel.reduction_dims(ep)
+    assert dims["experts.w_in"] == ("data",) and dims["router.weight"] == ("data", "expert")
+
+
+def _check_fsdp2(rank, world, mesh):
+    """FSDP2 (fully_shard) on the replicated parameters, the expert weights
+    ignored by it and synced by sync_gradients: the global-batch gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def build(expert_parallel=None):
+        return torch.nn.Sequential(
+            torch.nn.Embedding(32, 16),
+            mr.MoE(16, 32, 4, 2, capacity_factor=None, expert_parallel=expert_parallel),
+            torch.nn.Linear(16, 32))
+
+    torch.manual_seed(0)
+    ref, model = build(), build(mesh["expert"])
+    El = 4 // world
+    sd = dict(ref.state_dict())
+    for name in ("1.experts.w_in", "1.experts.w_out"):
+        sd[name] = sd[name][rank * El:(rank + 1) * El]
+    model.load_state_dict(sd)
+    sharded = set(parallel.expert_parameters(model))
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)),
+                ignored_params={p for n, p in model.named_parameters() if n in sharded})
+    ids = torch.randint(0, 32, (world * 2, 8), generator=torch.Generator().manual_seed(0))
+    (F.cross_entropy(ref(ids).reshape(-1, 32), ids.reshape(-1)) + mr.aux_loss(ref)).backward()
+    mine = ids[2 * rank:2 * rank + 2]
+    (F.cross_entropy(model(mine).reshape(-1, 32), mine.reshape(-1))
+     + mr.aux_loss(model)).backward()
+    parallel.sync_gradients(model, mesh, params="expert")
+    _close(model[1].router.weight.grad.full_tensor(), ref[1].router.weight.grad, "fsdp2 router")
+    _close(model[2].weight.grad.full_tensor(), ref[2].weight.grad, "fsdp2 head")
+    _close(model[1].experts.w_in.grad, ref[1].experts.w_in.grad[rank * El:(rank + 1) * El],
+           "fsdp2 w_in")
+
+
+def _check_errors(rank, world):
+    # E not divisible by W: the same clear error on every rank.
+    with pytest.raises(ValueError, match=r"MoE.*E=3.*W=2"):
+        mr.MoE(8, 16, 3, 1, expert_parallel=dist.group.WORLD)
+    # Ranks disagree on the layer (here E): every rank raises, none hangs.
+    with pytest.raises(ValueError, match="disagree"):
+        mr.MoE(8, 16, 4 if rank == 0 else 8, 1, expert_parallel=dist.group.WORLD)
+    with pytest.raises(ValueError, match="1-D DeviceMesh"):
+        mr.MoE(8, 16, 4, 1, expert_parallel=parallel.expert_data_mesh(world, 1))
+    # A rank that skips the forward: the other one's collective times out
+    # and the error names the layer.
+    group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=2))
+    model = torch.nn.ModuleDict({"block0": mr.MoE(8, 16, 4, 1, expert_parallel=group)})
+    parallel.name_layers(model)
+    if rank == 0:
+        with pytest.raises(RuntimeError, match=r"all_to_all\(dispatch\) of layer .block0."):
+            model["block0"](torch.randn(6, 8))
+    dist.barrier()
+
+
+def test_equal_to_single_process_world2(tmp_path):
+    _spawn(tmp_path, 2, _equality_worker, CASES_2, ("compile", "errors"))
+
+
+def _world4_worker(rank, world, cases):
+    _equality_worker(rank, world, cases, ())
+    # 2 x 2 mesh: expert groups {0,1} and {2,3}.
+    mesh = parallel.expert_data_mesh(world, 2)
+    assert dist.get_process_group_ranks(mesh["expert"].get_group()) == ([0, 1] if rank < 2
+                                                                          else [2, 3])
+    # Mismatched groups: ranks 0, 1 pass their pair, ranks 2, 3 the world.
+    group = mesh["expert"].get_group() if rank < 2 else dist.group.WORLD
+    with pytest.raises(ValueError, match="mismatched expert-parallel groups"):
+        mr.MoE(8, 16, 4, 1, expert_parallel=group)
+    _train(rank, world, mesh)
+
+
+def test_equal_to_single_process_world4_and_training(tmp_path):
+    _spawn(tmp_path, 4, _world4_worker, CASES_4)
+
+
+# ------------------------------------------------------------------ training
+
+class _Model(torch.nn.Module):
+    def __init__(self, expert_parallel=None, V=32, d=16):
+        super().__init__()
+        self.embed = torch.nn.Embedding(V, d)
+        self.norm = torch.nn.LayerNorm(d)
+        self.moe = mr.MoE(d, 32, 4, 2, capacity_factor=None, bias_update_rate=1e-2,
+                          expert_parallel=expert_parallel)
+        self.head = torch.nn.Linear(d, V)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.moe(self.norm(h))
+        return self.head(h)
+
+
+def _train(rank, world, mesh, steps=20):
+    """20 steps of data x expert parallelism (2 x 2) follow one process:
+    DDP on the replicated parameters (expert weights ignored), sync_gradients
+    for the expert weights, the bias updated from the global load."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.manual_seed(0)
+    ref = _Model()
+    model = _Model(mesh["expert"])
+    e = mesh["expert"].get_local_rank()
+    sd = dict(ref.state_dict())
+    for name in ("moe.experts.w_in", "moe.experts.w_out"):
+        sd[name] = sd[name][2 * e:2 * e + 2]
+    model.load_state_dict(sd)
+    DDP._set_params_and_buffers_to_ignore_for_model(model, parallel.expert_parameters(model))
+    ddp = DDP(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    B, S, V = 2, 8, 32
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        ids = torch.randint(0, V, (world * B, S), generator=g)
+        logits_ref = ref(ids)
+        loss_ref = F.cross_entropy(logits_ref.reshape(-1, V), ids.roll(1, 1).reshape(-1))
+        (loss_ref + mr.aux_loss(ref)).backward()
+        opt_ref.step()
+        opt_ref.zero_grad()
+        ref.moe.update_bias()
+
+        mine = ids[rank * B:(rank + 1) * B]
+        logits = ddp(mine)
+        loss = F.cross_entropy(logits.reshape(-1, V), mine.roll(1, 1).reshape(-1))
+        (loss + mr.aux_loss(model)).backward()
+        parallel.sync_gradients(model, mesh, params="expert")
+        opt.step()
+        opt.zero_grad()
+        mr.update_bias(model)  # default group: the world
+        global_loss = loss.detach().clone()
+        dist.all_reduce(global_loss)
+        _close(global_loss / world, loss_ref.detach(), f"step {step} loss", rtol=1e-4, atol=1e-5)
+        _close(model.moe.stats["balance_loss"], ref.moe.stats["balance_loss"],
+               f"step {step} balance loss", rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.moe.router.bias, ref.moe.router.bias)
+    _close(model.moe.experts.w_in, ref.moe.experts.w_in[2 * e:2 * e + 2], "trained w_in",
+           rtol=1e-3, atol=1e-4)
