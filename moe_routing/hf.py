@@ -26,7 +26,21 @@ DeepseekV3MoE                 sigmoid scores, ``e_score_correction_bias`` as ``f
 Llama4TextMoe                 top-k of the logits, sigmoid weights applied to the expert's
                               input (``scale_inputs``), shared expert; its experts store
                               ``gate_up_proj`` [E, H, 2F] and ``down_proj`` [E, F, H]
+SwitchTransformersSparseMLP   top-1 softmax, weight = top-1 probability, capacity
+                              ``expert_capacity`` per batch row in token order
+                              (``capacity_per_row``), ReLU/GELU experts ``wi``/``wo``,
+                              router ``jitter_noise`` (on the router's copy only)
 ============================  ==========================================================
+
+Not supported: GPT-OSS (its experts have biases and a clamped, interleaved
+SwiGLU, which the bias-free experts of :class:`MoE` do not express: a bias
+would also turn empty capacity rows non-zero) and NLLB-MoE (its top-2 router
+samples or thresholds the second expert and counts capacity over the whole
+batch with fairseq's own ordering; the layer offers the pieces,
+``priority="batch"`` by raw top-1 probability and ``renormalize_after_drop``,
+but not that router). Switch and NLLB-MoE padding: Hugging Face routes padding
+tokens, which then take capacity; :func:`patch` routes them nowhere, so outputs
+of valid tokens can differ when a row overflows.
 
 The result is dropless (``capacity_factor=None``: Hugging Face drops nothing)
 and has ``aux_loss_weight = z_loss_weight = 0``: the model's own loss options
@@ -45,7 +59,8 @@ from . import ops
 from .layers import MoE
 
 SUPPORTED = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock",
-             "Qwen2MoeSparseMoeBlock", "DeepseekV3MoE", "Llama4TextMoe")
+             "Qwen2MoeSparseMoeBlock", "DeepseekV3MoE", "Llama4TextMoe",
+             "SwitchTransformersSparseMLP")
 # Blocks whose forward returns (hidden_states, router_logits).
 _RETURNS_TUPLE = ("Llama4TextMoe",)
 
@@ -71,6 +86,8 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
     MoE constructor (e.g. ``capacity_factor=1.25`` to train with drops,
     ``aux_loss_weight=0.01``)."""
     name = type(block).__name__
+    if name == "SwitchTransformersSparseMLP":
+        return _from_switch(block, **overrides)
     llama4 = name == "Llama4TextMoe"
     gate = getattr(block, "router" if llama4 else "gate", None)
     experts = getattr(block, "experts", None)
@@ -120,6 +137,36 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
     for part in (moe.experts, moe.shared_expert, moe.shared_gate):
         if part is not None:
             part.to(dtype)
+    return moe.train(block.training)
+
+
+def _from_switch(block, **overrides) -> MoE:
+    router, experts = block.router, block.experts
+    classifier = router.classifier
+    if classifier.bias is not None:
+        raise ValueError("moe_routing.hf.from_hf: Switch router with a bias (router_bias=True) is "
+                         "not supported")
+    E, H = classifier.weight.shape
+    first = experts["expert_0"]
+    activation = {"ReLU": "relu", "GELUActivation": "gelu", "NewGELUActivation": "gelu"}.get(
+        type(first.act).__name__)
+    if activation is None or not hasattr(first, "wi"):
+        raise ValueError(f"moe_routing.hf.from_hf: Switch experts with {type(first.act).__name__} "
+                         "or gated feed-forwards are not supported")
+    dtype, device = first.wi.weight.dtype, first.wi.weight.device
+    options = dict(capacity_factor=1.0, capacity_per_row=True,
+                   expert_capacity=int(router.expert_capacity), activation=activation,
+                   aux_loss_weight=0.0, z_loss_weight=0.0, score="softmax",
+                   jitter=float(router.jitter_noise),
+                   dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    options.update(overrides)
+    moe = MoE(H, first.wi.weight.shape[0], E, 1, **options).to(device)
+    with torch.no_grad():
+        moe.router.weight.copy_(classifier.weight)
+        for e in range(E):
+            moe.experts.w_in[e].copy_(experts[f"expert_{e}"].wi.weight.t())
+            moe.experts.w_out[e].copy_(experts[f"expert_{e}"].wo.weight.t())
+    moe.experts.to(dtype)
     return moe.train(block.training)
 
 
@@ -176,17 +223,23 @@ def patch(model: nn.Module, **overrides) -> PatchHandle:
     handle = PatchHandle(model)
     current = {}
 
-    def remember_mask(_module, args, kwargs):
-        current["mask"] = kwargs.get("attention_mask")
+    def remember_masks(_module, args, kwargs):
+        current["attention_mask"] = kwargs.get("attention_mask")
+        current["decoder_attention_mask"] = kwargs.get("decoder_attention_mask")
 
+    # An encoder-decoder's decoder blocks take the decoder's mask.
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     targets = [(n, m) for n, m in model.named_modules() if type(m).__name__ in SUPPORTED]
     for qualified, block in targets:
-        replacement = MaskedMoE(from_hf(block, **overrides), lambda: current.get("mask"),
+        key = ("decoder_attention_mask" if encoder_decoder and "decoder" in qualified.split(".")
+               else "attention_mask")
+        replacement = MaskedMoE(from_hf(block, **overrides),
+                                lambda key=key: current.get(key),
                                 type(block).__name__ in _RETURNS_TUPLE)
         parent, _, attr = qualified.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, replacement)
         handle.blocks.append((qualified, block, replacement))
-    handle._hook = model.register_forward_pre_hook(remember_mask, with_kwargs=True)
+    handle._hook = model.register_forward_pre_hook(remember_masks, with_kwargs=True)
     return handle
 
 

@@ -256,6 +256,10 @@ class MoE(nn.Module):
     under the eval capacity. The router's score defaults to "sigmoid".
     ``scale_inputs=True`` (Llama 4): expert e runs on ``x * w_e`` and its
     output is added unweighted, instead of ``w_e * expert_e(x)``.
+    ``capacity_per_row=True`` (Switch, GShard): the capacity applies per
+    batch row of x [..., S, d_model] (computed from S tokens), each expert
+    taking at most C tokens of each row; ``expert_capacity`` sets C directly
+    (Hugging Face's ``expert_capacity``), instead of the capacity factor.
     ``renormalize_after_drop=True`` (NLLB-MoE): after the capacity cut, the
     weights of a token's surviving choices are divided by their sum (clamped
     at float32 eps, so a fully dropped token gets zeros).
@@ -273,7 +277,8 @@ class MoE(nn.Module):
                  z_loss_weight: float = 0.001, routing: str = "tokens",
                  activation: str = "gelu", shared_hidden: Optional[int] = None,
                  shared_gate: bool = False, scale_inputs: bool = False,
-                 renormalize_after_drop: bool = False, expert_parallel=None,
+                 renormalize_after_drop: bool = False, capacity_per_row: bool = False,
+                 expert_capacity: Optional[int] = None, expert_parallel=None,
                  **router_options):
         super().__init__()
         if routing not in ("tokens", "experts", "balanced"):
@@ -312,6 +317,9 @@ class MoE(nn.Module):
         if (scale_inputs or renormalize_after_drop) and routing != "tokens":
             raise ValueError("MoE: scale_inputs and renormalize_after_drop need routing='tokens'")
         self.scale_inputs, self.renormalize_after_drop = scale_inputs, renormalize_after_drop
+        if expert_capacity is not None and expert_capacity < 0:
+            raise ValueError(f"MoE: expert_capacity must be >= 0, got {expert_capacity}")
+        self.capacity_per_row, self.expert_capacity = capacity_per_row, expert_capacity
         if shared_gate and shared_hidden is None:
             raise ValueError("MoE: shared_gate needs a shared expert (shared_hidden)")
         # Shared expert (DeepSeek-V2/V3, Qwen2-MoE, Llama 4): one dense FFN of
@@ -346,7 +354,8 @@ class MoE(nn.Module):
         elif self.routing == "balanced" and self.training:
             y, load, kept, dropped = self._balanced(tokens, r, valid)
         else:
-            y, load, kept, dropped = self._token_choice(tokens, r, factor, valid)
+            row = shape[-2] if self.capacity_per_row and x.dim() >= 3 else None
+            y, load, kept, dropped = self._token_choice(tokens, r, factor, valid, row)
         if self.shared_expert is not None:
             shared = self.shared_expert(tokens[None])[0]
             if self.shared_gate is not None:
@@ -394,14 +403,22 @@ class MoE(nn.Module):
         state["aux_loss"] = None
         return state
 
-    def _token_choice(self, tokens, r: RouterOutput, factor, valid):
+    def _token_choice(self, tokens, r: RouterOutput, factor, valid, group_size=None):
         E, k, T = self.num_experts, self.k, tokens.shape[0]
         # "batch" ranks tokens by their raw top-1 probability (V-MoE,
         # NLLB-MoE), not by the renormalised weight p1 / (p1 + p2).
         priority_weights = r.scores.gather(1, r.experts) if self.priority == "batch" else r.weights
-        C = None if factor is None else ops.capacity(T, E, k, factor, self.min_capacity)
-        p = ops.plan(r.experts, E, C, weights=priority_weights, priority=self.priority, mask=valid)
-        num_rows = T * k if C is None else E * C
+        # Capacity per group of group_size tokens (per batch row, Switch and
+        # GShard) or over all T; expert e's buffer holds (T / group_size) * C rows.
+        grouped = group_size is not None and group_size != T and group_size > 0
+        C = None
+        if factor is not None:
+            C = (self.expert_capacity if self.expert_capacity is not None
+                 else ops.capacity(group_size if grouped else T, E, k, factor, self.min_capacity))
+        p = ops.plan(r.experts, E, C, weights=priority_weights, priority=self.priority, mask=valid,
+                     group_size=group_size if grouped else None)
+        rows_per_expert = None if C is None else (T // group_size * C if grouped else C)
+        num_rows = T * k if C is None else E * rows_per_expert
         weights = r.weights
         if self.renormalize_after_drop:  # NLLB-MoE: the surviving choices' weights sum to 1
             kept = torch.where(p.slots >= 0, weights, torch.zeros_like(weights))
@@ -414,11 +431,11 @@ class MoE(nn.Module):
             weights = (p.slots >= 0).to(weights.dtype)
         if self._ep is not None:  # expert parallel: all_to_all to the owning ranks
             from . import parallel
-            out = parallel.run_experts(self, rows, p.kept, C)
+            out = parallel.run_experts(self, rows, p.kept, rows_per_expert)
         elif C is None:  # dropless: the packed layout and grouped matrix products
             out = self.experts.forward_packed(rows, p.kept)
         else:
-            out = self.experts(rows.view(E, C, tokens.shape[-1])).view(num_rows, tokens.shape[-1])
+            out = self.experts(rows.view(E, rows_per_expert, tokens.shape[-1])).view(num_rows, tokens.shape[-1])
         y = ops.combine(out, p.slots, weights)
         dropped = 1.0 - p.kept.sum() / p.load.sum().clamp_min(1)
         return y, p.load, p.kept, dropped

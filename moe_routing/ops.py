@@ -91,6 +91,7 @@ def plan(
     weights: Optional[torch.Tensor] = None,
     priority: str = "choice",
     mask: Optional[torch.Tensor] = None,
+    group_size: Optional[Union[int, torch.SymInt]] = None,
 ) -> Plan:
     """Assigns every (token, choice) a row of its expert's buffer.
 
@@ -115,15 +116,34 @@ def plan(
             A NaN weight ranks below every number in both ("batch" takes a
             token's largest non-NaN weight as its top-1, NaN only when all are).
         mask: [T] bool, False = padding: routed nowhere (slot -1), not counted.
+        group_size: capacity per group (Switch and GShard apply it per batch
+            row): the T tokens form T / group_size groups G of consecutive
+            tokens, and each expert takes at most ``capacity`` assignments
+            from each group, by ``priority`` inside the group. Expert e's
+            buffer then has G * C rows, group g's at ``e*G*C + g*C + c``
+            (view the ``[E*G*C, H]`` dispatch result as ``[E, G*C, H]``).
+            Built on the op by renumbering expert e of group g as ``e*G + g``
+            with capacity C (no host synchronisation, any device); ``load``
+            and ``kept`` are summed over groups. Ignored when dropless.
 
-    ``num_experts * capacity`` must fit in int64 (slots are ``e * C + c``).
+    ``num_experts * capacity`` (times G) must fit in int64 (slots are ``e * C + c``).
 
     Returns:
         ``Plan(slots [T,k], load [E], kept [E])``, all int64. Not differentiable.
     """
-    return Plan(
-        *_ops.plan(experts, num_experts, capacity, weights=weights, priority=priority, mask=mask)
-    )
+    if group_size is None or capacity is None:
+        return Plan(*_ops.plan(experts, num_experts, capacity, weights=weights,
+                               priority=priority, mask=mask))
+    T = experts.shape[0]
+    if group_size < 1 or T % group_size != 0:
+        raise ValueError(f"moe_routing::plan: group_size must be >= 1 and divide T={T}, "
+                         f"got {group_size}")
+    groups = T // group_size
+    group_of_token = torch.arange(T, device=experts.device) // group_size
+    grouped = experts * groups + group_of_token[:, None]
+    slots, load, kept = _ops.plan(grouped, num_experts * groups, capacity, weights=weights,
+                                  priority=priority, mask=mask)
+    return Plan(slots, load.view(num_experts, groups).sum(1), kept.view(num_experts, groups).sum(1))
 
 
 def capacity(

@@ -172,3 +172,52 @@ def test_switch_loss_helper_equals_transformers(k):
     indices = probs.topk(k, -1).indices
     expected = load_balancing_loss_func(probs, indices if k > 1 else indices[..., 0])
     torch.testing.assert_close(mrhf.switch_load_balancing_loss(probs, indices), expected)
+
+
+def tiny_switch(expert_capacity=3):
+    torch.manual_seed(0)
+    config = transformers.SwitchTransformersConfig(
+        vocab_size=64, d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=2,
+        num_decoder_layers=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
+        num_experts=4, expert_capacity=expert_capacity, decoder_start_token_id=0, pad_token_id=0)
+    model = transformers.SwitchTransformersForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ in mrhf.SUPPORTED:
+                module.router.classifier.weight.normal_(std=0.5)
+    return model
+
+
+def test_switch_block_with_per_row_capacity_drops():
+    """Switch's sparse MLP (transformers 5.24 drops per batch row, in token
+    order, at expert_capacity): outputs and gradients, with drops happening."""
+    block = blocks(tiny_switch(expert_capacity=2))[0]
+    moe = mrhf.from_hf(block)
+    x = torch.randn(3, 12, 32, requires_grad=True)
+    expected = block(x)
+    got = moe(x)
+    assert (moe.stats["kept"] < moe.stats["load"]).any()  # the capacity cut tokens
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(expected)
+    hf_grads = torch.autograd.grad(expected, [x, block.router.classifier.weight,
+                                              block.experts["expert_1"].wi.weight], g)
+    ours = torch.autograd.grad(got, [x, moe.router.weight, moe.experts.w_in], g)
+    torch.testing.assert_close(ours[0], hf_grads[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[1], hf_grads[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[2][1], hf_grads[2].t(), rtol=1e-5, atol=1e-6)
+
+
+def test_switch_patch_encoder_decoder_logits_and_generate():
+    original = tiny_switch(expert_capacity=64)
+    model = copy.deepcopy(original)
+    handle = mrhf.patch(model)
+    assert [name for name, _, _ in handle.blocks] == ["encoder.block.1.layer.1.mlp",
+                                                      "decoder.block.1.layer.2.mlp"]
+    ids = torch.randint(1, 64, (2, 9))
+    labels = torch.randint(1, 64, (2, 5))
+    expected = original(input_ids=ids, labels=labels)
+    got = model(input_ids=ids, labels=labels)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(ids, **kwargs), original.generate(ids, **kwargs))
+    handle.undo()

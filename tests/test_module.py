@@ -420,3 +420,18 @@ def test_shared_expert_with_gate_adds_a_dense_ffn():
     torch.testing.assert_close(moe(x), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="MoE: shared_gate needs a shared expert"):
         mr.MoE(8, 16, 4, 2, shared_gate=True)
+
+
+def test_capacity_per_row_equals_each_row_alone():
+    """capacity_per_row: each batch row is planned as if it were the whole
+    batch (Switch/GShard groups), with expert_capacity as C."""
+    torch.manual_seed(0)
+    moe = mr.MoE(8, 16, 4, 2, capacity_per_row=True, expert_capacity=2)
+    x = torch.randn(3, 10, 8)
+    mask = torch.rand(3, 10) > 0.2
+    y = moe(x, mask)
+    rows = [moe(x[b:b + 1], mask[b:b + 1]) for b in range(3)]
+    torch.testing.assert_close(y, torch.cat(rows), rtol=1e-6, atol=1e-7)
+    whole = mr.MoE(8, 16, 4, 2, expert_capacity=2)
+    whole.load_state_dict(moe.state_dict())
+    assert not torch.allclose(whole(x, mask), y)  # one capacity over all rows drops more

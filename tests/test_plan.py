@@ -160,3 +160,29 @@ def test_opcheck(requires_grad):
     for experts, E, capacity, kw in list(sample_inputs())[::5]:
         kw = dict(kw, weights=kw["weights"].clone().requires_grad_(requires_grad))
         torch.library.opcheck(torch.ops.moe_routing.plan, (experts, E, capacity), kw)
+
+
+@pytest.mark.parametrize("priority", ["choice", "token", "score", "batch"])
+def test_group_size_equals_one_plan_per_group(priority):
+    """plan(group_size=S): capacity per group of S consecutive tokens, the
+    same as planning each group alone (reference), laid out as expert e's
+    rows of group g at e*G*C + g*C + c."""
+    G, S, E, k, C = 3, 10, 4, 2, 2
+    experts = random_experts(G * S, E, k, seed=5)
+    weights = torch.rand(G * S, k, generator=torch.Generator().manual_seed(1))
+    mask = random_mask(G * S, seed=2)
+    got = mr.plan(experts, E, C, weights=weights, priority=priority, mask=mask, group_size=S)
+    load = torch.zeros(E, dtype=torch.long)
+    kept = torch.zeros(E, dtype=torch.long)
+    for g in range(G):
+        rows = slice(g * S, (g + 1) * S)
+        slots, l, kp = ref.plan(experts[rows], E, C, weights=weights[rows], priority=priority,
+                                mask=mask[rows])
+        e, c = slots // C, slots % C
+        expected = torch.where(slots >= 0, e * G * C + g * C + c, -1)
+        assert torch.equal(got.slots[rows], expected)
+        load += l
+        kept += kp
+    assert torch.equal(got.load, load) and torch.equal(got.kept, kept)
+    with pytest.raises(ValueError, match=r"plan: group_size must be >= 1 and divide T=30, got 7"):
+        mr.plan(experts, E, C, group_size=7)
