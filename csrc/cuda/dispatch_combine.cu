@@ -245,6 +245,10 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cuda(const at::Tensor& grad_
   at::Tensor grad_rows = detail::rows_view(grad_expert_out);
   at::Tensor grad_weights = at::empty(weights.sizes(), weights.options());
   if (R == 0 && T == 0) return {grad_expert_out, grad_weights};
+  if (H == 0) {  // no data (R may be huge): no owner map; every weight gradient is 0
+    grad_weights.zero_();
+    return {grad_expert_out, grad_weights};
+  }
   const at::Tensor owners = row_owners(slots, R);
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), op, [&] {

@@ -193,6 +193,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plan_cuda(
   const at::Tensor experts = experts_in.contiguous();
   const int64_t T = experts.size(0), k = experts.size(1), E = num_experts;
   const auto long_opts = experts.options();
+  if (experts.numel() == 0) {  // no assignment (T = 0 or k = 0, T maybe huge): nothing to walk
+    return {at::full({T, k}, -1, long_opts), at::zeros({E}, long_opts), at::zeros({E}, long_opts)};
+  }
   at::Tensor mask_holder;
   const bool* m = detail::mask_data(mask, mask_holder);
   at::Tensor order;
