@@ -24,10 +24,11 @@ class RouteFunction : public torch::autograd::Function<RouteFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, int64_t k,
                                c10::string_view score, std::optional<bool> normalize,
                                const std::optional<at::Tensor>& bias, int64_t num_groups,
-                               int64_t topk_groups, double scale) {
+                               int64_t topk_groups, double scale, c10::string_view group_score) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [weights, experts, scores] = moe_routing::route(
-        logits, k, std::string(score), normalize, bias, num_groups, topk_groups, scale);
+    auto [weights, experts, scores] =
+        moe_routing::route(logits, k, std::string(score), normalize, bias, num_groups,
+                           topk_groups, scale, std::string(group_score));
     ctx->mark_non_differentiable({experts});
     ctx->save_for_backward({weights, experts, scores});
     ctx->saved_data["score"] = std::string(score);
@@ -43,8 +44,9 @@ class RouteFunction : public torch::autograd::Function<RouteFunction> {
         grads[0], grads[2], saved[0], saved[1], saved[2], ctx->saved_data["score"].toStringRef(),
         ctx->saved_data["normalize"].toBool(), ctx->saved_data["scale"].toDouble(),
         static_cast<at::ScalarType>(ctx->saved_data["logits_dtype"].toInt()));
-    // logits, k, score, normalize, bias (selection only: no gradient), groups, scale.
-    return {grad_logits, {}, {}, {}, {}, {}, {}, {}};
+    // logits, k, score, normalize, bias (selection only: no gradient), groups,
+    // scale, group_score.
+    return {grad_logits, {}, {}, {}, {}, {}, {}, {}, {}};
   }
 };
 
@@ -283,9 +285,9 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_autograd(const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_autograd(
     const at::Tensor& logits, int64_t k, c10::string_view score, std::optional<bool> normalize,
     const std::optional<at::Tensor>& bias, int64_t num_groups, int64_t topk_groups,
-    double scale) {
-  auto out =
-      RouteFunction::apply(logits, k, score, normalize, bias, num_groups, topk_groups, scale);
+    double scale, c10::string_view group_score) {
+  auto out = RouteFunction::apply(logits, k, score, normalize, bias, num_groups, topk_groups,
+                                  scale, group_score);
   return {out[0], out[1], out[2]};
 }
 

@@ -14,6 +14,12 @@ Score parse_score(const char* op, const std::string& score) {
   TORCH_CHECK(false, op, ": score must be \"softmax\" or \"sigmoid\", got \"", score, "\"");
 }
 
+bool parse_group_score(const char* op, const std::string& group_score) {
+  if (group_score == "top2") return false;
+  if (group_score == "max") return true;
+  TORCH_CHECK(false, op, ": group_score must be \"top2\" or \"max\", got \"", group_score, "\"");
+}
+
 Priority parse_priority(const char* op, const std::string& priority) {
   if (priority == "choice") return Priority::Choice;
   if (priority == "token") return Priority::Token;

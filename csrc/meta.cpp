@@ -15,9 +15,10 @@ at::Tensor empty(c10::SymIntArrayRef sizes, const at::Tensor& like, at::ScalarTy
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_meta(
     const at::Tensor& logits, int64_t k, c10::string_view score, std::optional<bool> normalize,
     const std::optional<at::Tensor>& bias, int64_t num_groups, int64_t topk_groups,
-    double scale) {
+    double scale, c10::string_view group_score) {
   (void)normalize, (void)scale;
   detail::parse_score("moe_routing::route", std::string(score));
+  detail::parse_group_score("moe_routing::route", std::string(group_score));
   detail::check_route_args(logits, k, bias, num_groups, topk_groups);
   const auto dtype = detail::router_dtype(logits.scalar_type());
   const c10::SymInt T = logits.sym_size(0);

@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route(
     const at::Tensor& logits, int64_t k, const std::string& score = "softmax",
     std::optional<bool> normalize = std::nullopt,
     const std::optional<at::Tensor>& bias = std::nullopt, int64_t num_groups = 1,
-    int64_t topk_groups = 1, double scale = 1.0);
+    int64_t topk_groups = 1, double scale = 1.0, const std::string& group_score = "top2");
 
 // Gradient of route with respect to logits.
 at::Tensor route_backward(const at::Tensor& grad_weights, const at::Tensor& grad_scores,
@@ -98,6 +98,9 @@ enum class Score { Softmax, Sigmoid };
 enum class Priority { Choice, Token, Score, Batch };
 
 Score parse_score(const char* op, const std::string& score);
+// How route scores a group: "top2" (sum of its two best, DeepSeek-V3) or
+// "max" (its best, DeepSeek-V2's group_limited_greedy). True for "max".
+bool parse_group_score(const char* op, const std::string& group_score);
 Priority parse_priority(const char* op, const std::string& priority);
 
 // normalize=None means "k > 1".

@@ -87,12 +87,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const at::Tensor& logits, i
                                                      std::optional<bool> normalize,
                                                      const std::optional<at::Tensor>& bias,
                                                      int64_t num_groups, int64_t topk_groups,
-                                                     double scale) {
+                                                     double scale, const std::string& group_score) {
   static auto handle =
       op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
           const at::Tensor&, int64_t, c10::string_view, std::optional<bool>,
-          const std::optional<at::Tensor>&, int64_t, int64_t, double)>("moe_routing::route");
-  return handle.call(logits, k, score, normalize, bias, num_groups, topk_groups, scale);
+          const std::optional<at::Tensor>&, int64_t, int64_t, double, c10::string_view)>(
+          "moe_routing::route");
+  return handle.call(logits, k, score, normalize, bias, num_groups, topk_groups, scale,
+                     group_score);
 }
 
 at::Tensor route_backward(const at::Tensor& grad_weights, const at::Tensor& grad_scores,
@@ -227,8 +229,8 @@ TORCH_LIBRARY(moe_routing, m) {
   const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
   m.def(
       "route(Tensor logits, int k, *, str score=\"softmax\", bool? normalize=None, "
-      "Tensor? bias=None, int num_groups=1, int topk_groups=1, float scale=1.0) "
-      "-> (Tensor weights, Tensor experts, Tensor scores)",
+      "Tensor? bias=None, int num_groups=1, int topk_groups=1, float scale=1.0, "
+      "str group_score=\"top2\") -> (Tensor weights, Tensor experts, Tensor scores)",
       tags);
   m.def(
       "route_backward(Tensor grad_weights, Tensor grad_scores, Tensor weights, Tensor experts, "

@@ -23,6 +23,9 @@ Qwen2MoeSparseMoeBlock        softmax top-k, ``norm_topk_prob``, sigmoid-gated s
 DeepseekV3MoE                 sigmoid scores, ``e_score_correction_bias`` as ``fixed_bias``,
                               group-limited selection (``n_group``, ``topk_group``),
                               ``norm_topk_prob``, ``routed_scaling_factor``, shared experts
+DeepseekV2Moe                 softmax top-k, ``group_limited_greedy`` (groups scored by their
+                              best expert: ``group_score="max"``), ``routed_scaling_factor``,
+                              shared experts
 Llama4TextMoe                 top-k of the logits, sigmoid weights applied to the expert's
                               input (``scale_inputs``), shared expert; its experts store
                               ``gate_up_proj`` [E, H, 2F] and ``down_proj`` [E, F, H]
@@ -60,7 +63,7 @@ from .layers import MoE
 
 SUPPORTED = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock",
              "Qwen2MoeSparseMoeBlock", "DeepseekV3MoE", "Llama4TextMoe",
-             "SwitchTransformersSparseMLP")
+             "SwitchTransformersSparseMLP", "DeepseekV2Moe")
 # Blocks whose forward returns (hidden_states, router_logits).
 _RETURNS_TUPLE = ("Llama4TextMoe",)
 
@@ -112,6 +115,11 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
                        num_groups=gate.num_group, topk_groups=gate.topk_group,
                        scale=float(gate.routed_scaling_factor),
                        fixed_bias=gate.e_score_correction_bias.detach())
+    elif hasattr(gate, "topk_method"):  # DeepSeek-V2: softmax, groups scored by their best
+        grouped = gate.topk_method == "group_limited_greedy"
+        options.update(score="softmax", normalize=False, scale=float(gate.routed_scaling_factor),
+                       num_groups=gate.num_group if grouped else 1,
+                       topk_groups=gate.topk_group if grouped else 1, group_score="max")
     elif llama4:  # top-k of the logits = top-k of their sigmoid
         options.update(score="sigmoid", normalize=False, scale_inputs=True)
     else:

@@ -73,7 +73,7 @@ class Router(nn.Module):
                  normalize: Optional[bool] = None, num_groups: int = 1, topk_groups: int = 1,
                  scale: float = 1.0, jitter: float = 0.0, noise: Optional[str] = None,
                  bias_update_rate: float = 0.0, dtype: torch.dtype = torch.float32,
-                 fixed_bias: Optional[torch.Tensor] = None):
+                 fixed_bias: Optional[torch.Tensor] = None, group_score: str = "top2"):
         super().__init__()
         if not 1 <= k <= num_experts:
             raise ValueError(f"Router: k must be in [1, num_experts={num_experts}], got {k}")
@@ -87,7 +87,7 @@ class Router(nn.Module):
             raise ValueError(f"Router: bias_update_rate must be >= 0, got {bias_update_rate}")
         self.num_experts, self.k = num_experts, k
         self.score, self.normalize, self.scale = score, normalize, scale
-        self.num_groups, self.topk_groups = num_groups, topk_groups
+        self.num_groups, self.topk_groups, self.group_score = num_groups, topk_groups, group_score
         self.jitter, self.noise, self.bias_update_rate = jitter, noise, bias_update_rate
         self.dtype = dtype
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, dtype=dtype))
@@ -127,7 +127,8 @@ class Router(nn.Module):
                     F.linear(h, self.noise_weight.to(self.dtype)))
         routing = ops.route(logits, self.k, score=self.score, normalize=self.normalize,
                             bias=self.selection_bias(), num_groups=self.num_groups,
-                            topk_groups=self.topk_groups, scale=self.scale)
+                            topk_groups=self.topk_groups, scale=self.scale,
+                            group_score=self.group_score)
         if self.training and self.bias is not None and not _in_backward():
             self._count_load(routing.experts, mask)
         return RouterOutput(*routing, logits)

@@ -40,6 +40,7 @@ def route(
     num_groups: int = 1,
     topk_groups: int = 1,
     scale: float = 1.0,
+    group_score: str = "top2",
 ) -> Routing:
     """Scores each token against each expert and selects its top-k experts.
 
@@ -56,6 +57,10 @@ def route(
             of its two best ``scores + bias``, and only the ``topk_groups`` best
             groups may be selected (others are masked with -inf).
         scale: factor applied to the weights after normalisation.
+        group_score: how a group is scored: ``"top2"``, the sum of its two
+            best ``scores + bias`` (its best when it has one expert;
+            DeepSeek-V3), or ``"max"``, its best (DeepSeek-V2's
+            ``group_limited_greedy``).
 
     Returns:
         ``Routing(weights [T,k], experts [T,k] int64, scores [T,E])``; ties go to
@@ -79,6 +84,7 @@ def route(
             num_groups=num_groups,
             topk_groups=topk_groups,
             scale=scale,
+            group_score=group_score,
         )
     )
 

@@ -26,16 +26,20 @@ def _top_k(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(-values, dim=-1, stable=True).indices[..., :k]
 
 
-def select(selection, k, *, num_groups=1, topk_groups=1):
+def select(selection, k, *, num_groups=1, topk_groups=1, group_score="top2"):
     """route's choice from its selection values ``scores + bias`` [T, E]: the
     top k in selection order (NaN last, ties to the lower index), limited to
-    the topk_groups best groups when num_groups > 1."""
+    the topk_groups best groups when num_groups > 1 (a group scored by the
+    sum of its two best values, or its best with group_score="max")."""
+    if group_score not in ("top2", "max"):
+        raise ValueError(f"group_score must be 'top2' or 'max', got {group_score!r}")
     if num_groups > 1:
         T, E = selection.shape
         groups = selection.view(T, num_groups, E // num_groups)
-        # The group's two best values in selection order (NaN last): a NaN
-        # among them makes the group score NaN, which ranks last.
-        best = groups.gather(-1, _top_k(groups, min(2, E // num_groups)))
+        # The group's best one or two values in selection order (NaN last): a
+        # NaN among them makes the group score NaN, which ranks last.
+        top = 1 if group_score == "max" else min(2, E // num_groups)
+        best = groups.gather(-1, _top_k(groups, top))
         best_two = best[..., 0] + best[..., 1] if best.shape[-1] == 2 else best[..., 0]
         keep_groups = _top_k(best_two, topk_groups)
         keep = torch.zeros(T, num_groups, dtype=torch.bool, device=selection.device)
@@ -46,7 +50,7 @@ def select(selection, k, *, num_groups=1, topk_groups=1):
 
 
 def route(logits, k, *, score="softmax", normalize=None, bias=None, num_groups=1, topk_groups=1,
-          scale=1.0):
+          scale=1.0, group_score="top2"):
     acc = router_dtype(logits)
     x = logits.to(acc)
     if score == "softmax":
@@ -56,7 +60,8 @@ def route(logits, k, *, score="softmax", normalize=None, bias=None, num_groups=1
     else:
         raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
     selection = scores if bias is None else scores + bias.to(acc)
-    experts = select(selection, k, num_groups=num_groups, topk_groups=topk_groups)
+    experts = select(selection, k, num_groups=num_groups, topk_groups=topk_groups,
+                     group_score=group_score)
     weights = scores.gather(1, experts)
     if normalize is None:
         normalize = k > 1

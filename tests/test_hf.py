@@ -46,6 +46,14 @@ def tiny(family):
             q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
             v_head_dim=8, **{**COMMON, "num_key_value_heads": 4})  # MLA: no grouped KV
         model = transformers.DeepseekV3ForCausalLM(config)
+    elif family == "deepseek_v2":
+        config = transformers.DeepseekV2Config(
+            intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+            num_experts_per_tok=3, n_group=4, topk_group=2, topk_method="group_limited_greedy",
+            n_shared_experts=1, first_k_dense_replace=0, routed_scaling_factor=1.5,
+            q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+            v_head_dim=8, **{**COMMON, "num_key_value_heads": 4})
+        model = transformers.DeepseekV2ForCausalLM(config)
     elif family == "llama4":
         config = transformers.Llama4TextConfig(
             intermediate_size=24, intermediate_size_mlp=48, num_local_experts=4,
@@ -69,7 +77,7 @@ def tiny(family):
     return model
 
 
-FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "llama4"]
+FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "llama4"]
 
 
 def blocks(model):

@@ -167,3 +167,28 @@ def test_opcheck(requires_grad):
     for logits, k, kw in samples:
         logits = logits.clone().requires_grad_(requires_grad)
         torch.library.opcheck(torch.ops.moe_routing.route, (logits, k), kw)
+
+
+def test_group_score_max_against_top2_hand_case():
+    """Two groups of two experts. Group 0 holds 0.5 and 0.0, group 1 holds
+    0.3 and 0.3 (selection values after sigmoid via logits). By its best
+    expert (DeepSeek-V2's group_limited_greedy) group 0 wins; by the sum of
+    its two best (DeepSeek-V3) group 1 wins."""
+    scores = torch.tensor([[0.5, 0.0, 0.3, 0.3]], dtype=torch.float64)
+    logits = torch.log(scores / (1 - scores)).nan_to_num(neginf=-40.0)  # sigmoid(logits) = scores
+    by_max = mr.route(logits, 1, score="sigmoid", num_groups=2, topk_groups=1, group_score="max")
+    by_sum = mr.route(logits, 1, score="sigmoid", num_groups=2, topk_groups=1)
+    assert by_max.experts.tolist() == [[0]]
+    assert by_sum.experts.tolist() == [[2]]
+    for group_score in ("max", "top2"):
+        g = torch.Generator().manual_seed(3)
+        lg = torch.randn(50, 16, generator=g)
+        bias = torch.randn(16, generator=g) * 0.1
+        got = mr.route(lg, 3, score="sigmoid", bias=bias, num_groups=4, topk_groups=2,
+                       group_score=group_score)
+        want = ref.route(lg, 3, score="sigmoid", bias=bias, num_groups=4, topk_groups=2,
+                         group_score=group_score)
+        assert torch.equal(got.experts, want[1])
+        torch.testing.assert_close(got.weights, want[0])
+    with pytest.raises(RuntimeError, match=r"route: group_score must be \"top2\" or \"max\", got \"sum\""):
+        mr.route(lg, 1, num_groups=4, group_score="sum")

@@ -71,18 +71,18 @@ void top_k(const acc_t* v, int64_t n, int64_t k, int64_t* idx, std::vector<int64
   std::copy(scratch.begin(), scratch.begin() + k, idx);
 }
 
-// DeepSeek-V3 group-limited selection: keeps the topk_groups groups whose
-// two best values (in selection order) sum highest and sets every other
-// group's values to -inf. A NaN among a group's best makes its score NaN,
-// which ranks last.
+// Group-limited selection: keeps the topk_groups groups whose two best
+// values (in selection order) sum highest (DeepSeek-V3), or whose best is
+// highest with group_by_max (DeepSeek-V2), and sets every other group's values
+// to -inf. A NaN among a group's best makes its score NaN, which ranks last.
 template <typename acc_t>
 void mask_groups(acc_t* v, int64_t E, int64_t num_groups, int64_t topk_groups,
-                 acc_t* group_score, int64_t* best_groups, std::vector<char>& keep,
+                 bool group_by_max, acc_t* group_score, int64_t* best_groups, std::vector<char>& keep,
                  std::vector<int64_t>& scratch) {
   const int64_t size = E / num_groups;
   for (int64_t g = 0; g < num_groups; ++g) {
     int64_t best[2];
-    const int64_t top = std::min<int64_t>(2, size);
+    const int64_t top = group_by_max ? 1 : std::min<int64_t>(2, size);
     top_k(v + g * size, size, top, best, scratch);
     group_score[g] = v[g * size + best[0]] + (top == 2 ? v[g * size + best[1]] : acc_t(0));
   }
@@ -97,8 +97,8 @@ void mask_groups(acc_t* v, int64_t E, int64_t num_groups, int64_t topk_groups,
 
 template <typename scalar_t, typename acc_t>
 void route_kernel(const at::Tensor& logits, const acc_t* bias, int64_t k, Score score,
-                  bool normalize, int64_t num_groups, int64_t topk_groups, acc_t scale,
-                  at::Tensor& weights, at::Tensor& experts, at::Tensor& scores) {
+                  bool normalize, int64_t num_groups, int64_t topk_groups, bool group_by_max,
+                  acc_t scale, at::Tensor& weights, at::Tensor& experts, at::Tensor& scores) {
   const int64_t T = logits.size(0), E = logits.size(1);
   const scalar_t* in = logits.const_data_ptr<scalar_t>();
   acc_t* w_out = weights.mutable_data_ptr<acc_t>();
@@ -125,8 +125,8 @@ void route_kernel(const at::Tensor& logits, const acc_t* bias, int64_t k, Score 
           std::copy(s, s + E, selection.data());
         }
         if (num_groups > 1) {
-          mask_groups(selection.data(), E, num_groups, topk_groups, group_score.data(),
-                      best_groups.data(), keep, scratch);
+          mask_groups(selection.data(), E, num_groups, topk_groups, group_by_max,
+                      group_score.data(), best_groups.data(), keep, scratch);
         }
         sel = selection.data();
       }
@@ -191,8 +191,10 @@ void route_backward_kernel(const at::Tensor& grad_weights, const at::Tensor& gra
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
     const at::Tensor& logits_in, int64_t k, c10::string_view score_name,
     std::optional<bool> normalize, const std::optional<at::Tensor>& bias_in, int64_t num_groups,
-    int64_t topk_groups, double scale) {
+    int64_t topk_groups, double scale, c10::string_view group_score) {
   const Score score = detail::parse_score("moe_routing::route", std::string(score_name));
+  const bool group_by_max =
+      detail::parse_group_score("moe_routing::route", std::string(group_score));
   detail::check_route_args(logits_in, k, bias_in, num_groups, topk_groups);
   const at::Tensor logits = logits_in.contiguous();
   const int64_t T = logits.size(0), E = logits.size(1);
@@ -209,7 +211,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
         using acc_t = at::opmath_type<scalar_t>;
         route_kernel<scalar_t, acc_t>(logits, bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
                                       k, score, detail::resolve_normalize(normalize, k),
-                                      num_groups, topk_groups, static_cast<acc_t>(scale), weights,
+                                      num_groups, topk_groups, group_by_max,
+                                      static_cast<acc_t>(scale), weights,
                                       experts, scores);
       });
   return {weights, experts, scores};

@@ -52,8 +52,8 @@ __device__ __forceinline__ void group_argmax(acc_t& value, int& index, acc_t& pa
 template <typename scalar_t, typename acc_t, int width, int vpt>
 __global__ void __launch_bounds__(kThreads) route_kernel(
     const scalar_t* __restrict__ logits, const acc_t* __restrict__ bias, int64_t T, int E, int k,
-    bool sigmoid, bool normalize, int num_groups, int topk_groups, acc_t scale,
-    acc_t* __restrict__ weights, int64_t* __restrict__ experts, acc_t* __restrict__ scores) {
+    bool sigmoid, bool normalize, int num_groups, int topk_groups, bool group_by_max,
+    acc_t scale, acc_t* __restrict__ weights, int64_t* __restrict__ experts, acc_t* __restrict__ scores) {
   __shared__ acc_t group_scores[kThreads / width][kMaxGroups];
   const int lane = threadIdx.x % width, slot = threadIdx.x / width;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * (kThreads / width) + slot;
@@ -99,8 +99,9 @@ __global__ void __launch_bounds__(kThreads) route_kernel(
 
   if (num_groups > 1) {
     // Group score: the sum of the group's two best selection values in
-    // selection order, NaN last (its best when a group has one expert); keep
-    // the topk_groups best groups. h1, h2: whether b1, b2 hold a value yet.
+    // selection order, NaN last (its best when a group has one expert or
+    // with group_by_max); keep the topk_groups best groups. h1, h2: whether
+    // b1, b2 hold a value yet.
     const int size = E / num_groups;
     for (int g = 0; g < num_groups; ++g) {
       acc_t b1 = neg_inf, b2 = neg_inf;
@@ -142,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) route_kernel(
           h2 = p1;
         }
       }
-      if (lane == 0) group_scores[slot][g] = size == 1 ? b1 : b1 + b2;
+      if (lane == 0) group_scores[slot][g] = (size == 1 || group_by_max) ? b1 : b1 + b2;
     }
     __syncwarp();
     uint32_t keep = 0;
@@ -268,9 +269,10 @@ void with_shape(const char* op, int64_t E, Launch&& launch) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
     const at::Tensor& logits_in, int64_t k, c10::string_view score_name,
     std::optional<bool> normalize, const std::optional<at::Tensor>& bias_in, int64_t num_groups,
-    int64_t topk_groups, double scale) {
+    int64_t topk_groups, double scale, c10::string_view group_score) {
   constexpr const char* op = "moe_routing::route";
   const auto score = detail::parse_score(op, std::string(score_name));
+  const bool group_by_max = detail::parse_group_score(op, std::string(group_score));
   detail::check_route_args(logits_in, k, bias_in, num_groups, topk_groups);
   detail::check_route_cuda_limits(op, logits_in.size(1), k, num_groups);
   const c10::cuda::CUDAGuard guard(logits_in.device());
@@ -293,7 +295,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
       route_kernel<scalar_t, acc_t, width, vpt><<<blocks, kThreads, 0, stream>>>(
           logits.const_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
           T, static_cast<int>(E), static_cast<int>(k), score == detail::Score::Sigmoid, norm,
-          static_cast<int>(num_groups), static_cast<int>(topk_groups), static_cast<acc_t>(scale),
+          static_cast<int>(num_groups), static_cast<int>(topk_groups), group_by_max,
+          static_cast<acc_t>(scale),
           weights.mutable_data_ptr<acc_t>(), experts.mutable_data_ptr<int64_t>(),
           scores.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
