@@ -17,6 +17,16 @@ import sysconfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+# The C++ standard of every source, for the host compiler and for nvcc alike
+# (csrc/cuda uses C++20 template lambdas; CMakeLists.txt uses C++20 too).
+# Passed explicitly: torch 2.6 compiles extensions with -std=c++17 by default,
+# torch 2.14 with -std=c++20.
+CXX_STD = "c++20"
+
+# The oldest torch whose headers, built with CXX_STD, pass the whole test
+# suite; pyproject.toml's dependency says the same.
+MIN_TORCH = (2, 6)
+
 # Compilers to fall back on when the chosen one would link libstdc++ statically.
 FALLBACK_CXX = ("/usr/bin/g++",)
 FIX_HINT = "CXX=/usr/bin/g++ CC=/usr/bin/gcc"
@@ -166,6 +176,12 @@ def main():
     from setuptools import setup
     from torch.utils import cpp_extension
 
+    found_torch = tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
+    if found_torch < MIN_TORCH:
+        raise SystemExit(
+            f"moe_routing: needs torch >= {'.'.join(map(str, MIN_TORCH))}, "
+            f"found {torch.__version__}"
+        )
     choose_cxx(os.environ)
 
     def find_nvcc():
@@ -204,14 +220,14 @@ def main():
         # every CPU kernel would run on one thread. libgomp.so.1 resolves to the
         # copy torch already loaded.
         openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-        cxx_flags = ["-O3"] + openmp + cpu_flags()
+        cxx_flags = ["-O3", f"-std={CXX_STD}"] + openmp + cpu_flags()
         if build_with_cuda():
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
             sources += sorted(glob.glob("csrc/cuda/*.cu"))
             return cpp_extension.CUDAExtension(
                 "moe_routing._C",
                 sources,
-                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+                extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", f"-std={CXX_STD}"]},
                 extra_link_args=openmp,
             )
         return cpp_extension.CppExtension(

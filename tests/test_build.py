@@ -169,3 +169,12 @@ def test_good_compiler_is_kept(setup_py):
     environ = {"CXX": "g++"}
     assert setup_py.choose_cxx(environ, fallbacks=[], log=pytest.fail) is None
     assert environ == {"CXX": "g++"}
+
+
+# -- metadata ----------------------------------------------------------------
+
+
+def test_pyproject_torch_floor_matches_setup(setup_py):
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    floor = re.search(r'"torch>=([\d.]+)"', pyproject).group(1)
+    assert tuple(int(p) for p in floor.split(".")[:2]) == setup_py.MIN_TORCH
