@@ -1,6 +1,11 @@
 """Builds moe_routing._C: a CUDAExtension when torch has CUDA and nvcc is found
 (no GPU needed to build), else a CppExtension. MOE_ROUTING_CUDA=0/1 forces it.
 
+On Linux the build makes sure that libstdc++ is linked dynamically: a C++
+compiler ($CXX) without a shared libstdc++ is replaced by /usr/bin/g++ when
+that has one, or the build stops and says what to set; the linked library's
+DT_NEEDED entries are checked too.
+
 The helpers above main() import nothing beyond the standard library, so that
 tests can import this file (tests/test_build.py) without running a build.
 """
@@ -182,7 +187,8 @@ def main():
             f"moe_routing: needs torch >= {'.'.join(map(str, MIN_TORCH))}, "
             f"found {torch.__version__}"
         )
-    choose_cxx(os.environ)
+    if sys.platform.startswith("linux"):
+        choose_cxx(os.environ)
 
     def find_nvcc():
         home = cpp_extension.CUDA_HOME
