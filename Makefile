@@ -23,10 +23,13 @@ all: install
 
 # System packages and Python packages, each only when missing. torch comes
 # from the wheel on disk (pip's find-links); it is never a build requirement.
+# Builds run without build isolation, so setuptools must be new enough here.
 deps: apt-deps
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
 	@$(PYTHON) -c "import pytest, numpy, expecttest, hypothesis, matplotlib" 2>/dev/null || \
 	  $(PYTHON) -m pip install -q $(TEST_PACKAGES) matplotlib
+	@$(PYTHON) -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" \
+	  2>/dev/null || $(PYTHON) -m pip install -q "setuptools>=77" wheel
 
 apt-deps:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || \
@@ -60,7 +63,7 @@ torch-venv: $(TORCH_DIR)/venv/.ready
 $(TORCH_DIR)/venv/.ready:
 	rm -rf $(TORCH_DIR)/venv
 	$(PYTHON) -m venv $(TORCH_DIR)/venv
-	$(TORCH_DIR)/venv/bin/python -m pip install -q "torch==$(TORCH)" $(TEST_PACKAGES) "setuptools>=64" wheel
+	$(TORCH_DIR)/venv/bin/python -m pip install -q "torch==$(TORCH)" $(TEST_PACKAGES) "setuptools>=77" wheel
 	touch $@
 
 test-torch: apt-deps $(TORCH_DIR)/venv/.ready
