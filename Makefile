@@ -1,6 +1,13 @@
 # make demo | make test | make bench: each installs what it needs first.
+# make test-torch TORCH=X: CPU build + pytest against torch==X in its own venv.
 PYTHON ?= python3
 TORCH_VERSION ?= 2.14.1
+# The supported range (pyproject.toml): CI tests both ends.
+TORCH_OLDEST ?= 2.6.0
+TORCH_NEWEST ?= 2.15.0
+TORCH ?= $(TORCH_NEWEST)
+TORCH_DIR := build/torch-$(TORCH)
+TEST_PACKAGES := pytest numpy expecttest hypothesis
 BUILD_CPP ?= build-cpp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := cmake ninja-build ccache libgtest-dev libbenchmark-dev
@@ -10,18 +17,23 @@ export PATH := /usr/lib/ccache:$(PATH)
 export MAX_JOBS ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all deps install test test-python test-cpp demo bench bench-smoke clean
+.PHONY: all deps apt-deps install test test-python test-cpp test-torch test-torch-range torch-venv demo bench bench-smoke clean
 
 all: install
 
 # System packages and Python packages, each only when missing. torch comes
 # from the wheel on disk (pip's find-links); it is never a build requirement.
-deps:
+# Builds run without build isolation, so setuptools must be new enough here.
+deps: apt-deps
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
+	@$(PYTHON) -c "import pytest, numpy, expecttest, hypothesis, matplotlib" 2>/dev/null || \
+	  $(PYTHON) -m pip install -q $(TEST_PACKAGES) matplotlib
+	@$(PYTHON) -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" \
+	  2>/dev/null || $(PYTHON) -m pip install -q "setuptools>=77" wheel
+
+apt-deps:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || \
 	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(APT_PACKAGES))
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
-	@$(PYTHON) -c "import pytest, numpy, expecttest, matplotlib" 2>/dev/null || \
-	  $(PYTHON) -m pip install -q pytest numpy expecttest matplotlib
 
 # The extension, rebuilt when a source changes.
 build/.installed: $(SOURCES)
@@ -42,6 +54,32 @@ test-cpp: deps $(BUILD_CPP)/build.ninja
 
 test: test-python test-cpp
 
+# Another torch, in a venv of its own: torch==$(TORCH) from PyPI, a CPU-only
+# build into $(TORCH_DIR)/lib (never the source tree: the main build's
+# moe_routing/_C*.so stays as it is), then the whole pytest suite with that
+# folder first on the path. It stops if any other _C.so would be loaded.
+torch-venv: $(TORCH_DIR)/venv/.ready
+
+$(TORCH_DIR)/venv/.ready:
+	rm -rf $(TORCH_DIR)/venv
+	$(PYTHON) -m venv $(TORCH_DIR)/venv
+	$(TORCH_DIR)/venv/bin/python -m pip install -q "torch==$(TORCH)" $(TEST_PACKAGES) "setuptools>=77" wheel
+	touch $@
+
+test-torch: apt-deps $(TORCH_DIR)/venv/.ready
+	MOE_ROUTING_CUDA=0 $(TORCH_DIR)/venv/bin/python setup.py -q build \
+	  --build-base $(TORCH_DIR) --build-lib $(TORCH_DIR)/lib --build-temp $(TORCH_DIR)/temp
+	PYTHONPATH=$(abspath $(TORCH_DIR)/lib) $(TORCH_DIR)/venv/bin/python -c \
+	  "import sys; del sys.path[0]; import torch, moe_routing; so = moe_routing._C.__file__; \
+	  print('torch', torch.__version__, 'extension', so); \
+	  assert torch.__version__.split('+')[0] == sys.argv[1], torch.__version__; \
+	  assert so.startswith(sys.argv[2] + '/'), so" $(TORCH) $(abspath $(TORCH_DIR)/lib)
+	PYTHONPATH=$(abspath $(TORCH_DIR)/lib) $(TORCH_DIR)/venv/bin/pytest -q
+
+test-torch-range:
+	$(MAKE) test-torch TORCH=$(TORCH_OLDEST)
+	$(MAKE) test-torch TORCH=$(TORCH_NEWEST)
+
 demo: install
 	$(PYTHON) examples/train_lm.py
 
@@ -50,6 +88,9 @@ bench: install
 
 bench-smoke: install
 	$(PYTHON) benchmarks/bench.py --smoke --out build/bench-smoke.md
+
+print-%:
+	@echo $($*)
 
 clean:
 	rm -rf build $(BUILD_CPP) demo_out moe_routing/*.so *.egg-info
