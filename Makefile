@@ -8,6 +8,7 @@ TORCH_NEWEST ?= 2.15.0
 TORCH ?= $(TORCH_NEWEST)
 TORCH_DIR := build/torch-$(TORCH)
 TEST_PACKAGES := pytest numpy expecttest hypothesis
+TRANSFORMERS_VERSION ?= 5.24.0
 BUILD_CPP ?= build-cpp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := cmake ninja-build ccache libgtest-dev libbenchmark-dev
@@ -28,6 +29,9 @@ deps: apt-deps
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
 	@$(PYTHON) -c "import pytest, numpy, expecttest, hypothesis, matplotlib" 2>/dev/null || \
 	  $(PYTHON) -m pip install -q $(TEST_PACKAGES) matplotlib
+	@# Hugging Face parity tests (tests/test_hf*.py) compare with this exact release.
+	@$(PYTHON) -c "import transformers; assert transformers.__version__ == '$(TRANSFORMERS_VERSION)'" \
+	  2>/dev/null || $(PYTHON) -m pip install -q "transformers==$(TRANSFORMERS_VERSION)"
 	@$(PYTHON) -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" \
 	  2>/dev/null || $(PYTHON) -m pip install -q "setuptools>=77" wheel
 
