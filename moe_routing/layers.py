@@ -344,24 +344,8 @@ class MoE(nn.Module):
             from . import parallel
             return parallel.forward(self, x, mask)
         shape = x.shape
-        tokens = x.reshape(-1, shape[-1])
         valid = None if mask is None else mask.reshape(-1)
-        r = self.router(tokens, valid)
-        factor = self.capacity_factor
-        if not self.training and self.eval_capacity_factor is not None:
-            factor = self.eval_capacity_factor
-        if self.routing == "experts":
-            y, load, kept, dropped = self._expert_choice(tokens, r.scores, factor, valid)
-        elif self.routing == "balanced" and self.training:
-            y, load, kept, dropped = self._balanced(tokens, r, valid)
-        else:
-            row = shape[-2] if self.capacity_per_row and x.dim() >= 3 else None
-            y, load, kept, dropped = self._token_choice(tokens, r, factor, valid, row)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(tokens[None])[0]
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(self.shared_gate(tokens)) * shared
-            y = y + shared
+        r, y, load, kept, dropped = self._route_and_run(x, valid)
         if _is_exporting():  # an inference graph needs neither losses nor statistics
             return y.view(shape)
         balance = (torch.zeros((), device=x.device) if self.routing != "tokens"
@@ -383,6 +367,28 @@ class MoE(nn.Module):
         self.stats["balance_loss"] = balance.detach()
         self.stats["z_loss"] = z.detach()
         return y.view(shape)
+
+    def _route_and_run(self, x: torch.Tensor, valid: Optional[torch.Tensor]):
+        """Routes x's tokens and runs the routed and shared experts: returns
+        (router output, y [T, d_model], load, kept, dropped fraction)."""
+        tokens = x.reshape(-1, x.shape[-1])
+        r = self.router(tokens, valid)
+        factor = self.capacity_factor
+        if not self.training and self.eval_capacity_factor is not None:
+            factor = self.eval_capacity_factor
+        if self.routing == "experts":
+            y, load, kept, dropped = self._expert_choice(tokens, r.scores, factor, valid)
+        elif self.routing == "balanced" and self.training:
+            y, load, kept, dropped = self._balanced(tokens, r, valid)
+        else:
+            row = x.shape[-2] if self.capacity_per_row and x.dim() >= 3 else None
+            y, load, kept, dropped = self._token_choice(tokens, r, factor, valid, row)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(tokens[None])[0]
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(tokens)) * shared
+            y = y + shared
+        return r, y, load, kept, dropped
 
     def update_bias(self, group=None) -> None:
         """Applies the auxiliary-loss-free bias update for the load routed

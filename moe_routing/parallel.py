@@ -287,18 +287,8 @@ def forward(moe, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.
     from .layers import _in_backward, _is_exporting
     ep = moe._ep
     shape = x.shape
-    tokens = x.reshape(-1, shape[-1])
     valid = None if mask is None else mask.reshape(-1)
-    r = moe.router(tokens, valid)
-    factor = moe.capacity_factor
-    if not moe.training and moe.eval_capacity_factor is not None:
-        factor = moe.eval_capacity_factor
-    y, load, kept, _ = moe._token_choice(tokens, r, factor, valid)
-    if moe.shared_expert is not None:
-        shared = moe.shared_expert(tokens[None])[0]
-        if moe.shared_gate is not None:
-            shared = torch.sigmoid(moe.shared_gate(tokens)) * shared
-        y = y + shared
+    r, y, load, kept, _ = moe._route_and_run(x, valid)
     if _is_exporting():
         return y.view(shape)
     balance, z, stats = global_losses_and_stats(ep, r, load, kept, valid, moe.num_experts, moe.k)
