@@ -37,11 +37,12 @@ SwitchTransformersSparseMLP   top-1 softmax, weight = top-1 probability, capacit
 
 Not supported: GPT-OSS (its experts have biases and a clamped, interleaved
 SwiGLU, which the bias-free experts of :class:`MoE` do not express: a bias
-would also turn empty capacity rows non-zero) and NLLB-MoE (its top-2 router
-samples or thresholds the second expert and counts capacity over the whole
-batch with fairseq's own ordering; the layer offers the pieces,
-``priority="batch"`` by raw top-1 probability and ``renormalize_after_drop``,
-but not that router). Switch and NLLB-MoE padding: Hugging Face routes padding
+would also turn empty capacity rows non-zero) and NLLB-MoE (biased experts,
+and transformers 5.24's ``NllbMoeExperts`` one-hot-encodes the 0/1 top-1 mask,
+so only experts 0 and 1 run; its router is reproduced exactly by
+``MoE(k=2, normalize=False, priority="choice" or "batch",
+renormalize_after_drop=True, expert_capacity=C)``, tested against
+``NllbMoeTop2Router``). Switch and NLLB-MoE padding: Hugging Face routes padding
 tokens, which then take capacity; :func:`patch` routes them nowhere, so outputs
 of valid tokens can differ when a row overflows.
 

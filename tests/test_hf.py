@@ -229,3 +229,31 @@ def test_switch_patch_encoder_decoder_logits_and_generate():
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
     assert torch.equal(model.generate(ids, **kwargs), original.generate(ids, **kwargs))
     handle.undo()
+
+
+@pytest.mark.parametrize("batch_prioritized", [False, True])
+def test_nllb_moe_top2_router_equals_route_plan_and_renormalisation(batch_prioritized):
+    """NLLB-MoE's router (second_expert_policy "all", normalisation after
+    dropping): its combine weights [T, E] equal route(k=2, unnormalised) +
+    plan(capacity, "choice" or "batch" by raw top-1 probability) + weights
+    renormalised over the surviving choices, the MoE layer's options
+    priority=... and renormalize_after_drop=True."""
+    from transformers.models.nllb_moe.modeling_nllb_moe import NllbMoeTop2Router
+    torch.manual_seed(0)
+    config = transformers.NllbMoeConfig(d_model=16, num_experts=4, expert_capacity=3,
+                                        batch_prioritized_routing=batch_prioritized)
+    router = NllbMoeTop2Router(config).train()
+    x = torch.randn(20, 16)
+    top1_mask, combine, _ = router(x)
+    logits = router.classifier(x)
+    weights, experts, scores = mr.route(logits, 2, normalize=False)
+    priority = "batch" if batch_prioritized else "choice"
+    slots = mr.plan(experts, 4, 3, weights=scores.gather(1, experts), priority=priority).slots
+    kept = torch.where(slots >= 0, weights, torch.zeros_like(weights))
+    kept = kept / kept.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).eps)
+    dense = torch.zeros(20, 4).scatter_add(1, experts, kept)
+    torch.testing.assert_close(dense, combine, rtol=1e-6, atol=1e-7)
+    first_kept = torch.zeros(20, 4, dtype=torch.long).scatter(
+        1, experts[:, :1], (slots[:, :1] >= 0).long())
+    assert torch.equal(first_kept, top1_mask)
+    assert (slots < 0).any()  # capacity 3 of 40 assignments over 4 experts: drops happen
