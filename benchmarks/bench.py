@@ -210,7 +210,8 @@ def bench_pipeline(T, H, E, k, dtype, device, reps, table, factors, skews):
 class BaselineRoutedMoE(mr.MoE):
     """The same layer, its routing done by the pure-PyTorch baseline."""
 
-    def _token_choice(self, tokens, r, factor, valid):
+    def _token_choice(self, tokens, r, factor, valid, group_size=None):
+        assert group_size is None, "the baseline has one capacity over all tokens"
         E, k, H = self.num_experts, self.k, tokens.shape[-1]
         C = mr.capacity(tokens.shape[0], E, k, factor, self.min_capacity)
         slots, load, kept = baseline.plan(r.experts, E, C, valid)

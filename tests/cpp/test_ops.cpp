@@ -45,6 +45,19 @@ TEST(Route, SigmoidScaleAndFloat64) {
   EXPECT_TRUE(torch::allclose(weights, 2.0 * torch::sigmoid(torch::tensor({{2.0, 0.0}}, torch::kDouble))));
 }
 
+TEST(Route, GroupScoreMaxAgainstTopTwoSum) {
+  // Groups {0, 1} and {2, 3}: group 0 has the best expert (0.5 vs 0.3), group
+  // 1 the larger sum of two (0.6 vs 0.5).
+  const auto scores = torch::tensor({{0.5, 0.0001, 0.3, 0.3}}, torch::kDouble);
+  const auto logits = torch::log(scores / (1 - scores));
+  auto by_max = mr::route(logits, 1, "sigmoid", false, std::nullopt, 2, 1, 1.0, "max");
+  auto by_sum = mr::route(logits, 1, "sigmoid", false, std::nullopt, 2, 1, 1.0, "top2");
+  EXPECT_EQ(std::get<1>(by_max).item<int64_t>(), 0);
+  EXPECT_EQ(std::get<1>(by_sum).item<int64_t>(), 2);
+  EXPECT_THROW(mr::route(logits, 1, "sigmoid", false, std::nullopt, 2, 1, 1.0, "sum"),
+               c10::Error);
+}
+
 TEST(Route, BackwardThroughAutogradMatchesTheBackwardOp) {
   auto logits = torch::randn({16, 8}, torch::kDouble).requires_grad_();
   auto [weights, experts, scores] = mr::route(logits, 3);
@@ -256,3 +269,22 @@ TEST(Losses, SequenceWiseIsTheMeanOverSequences) {
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------- balanced_assignment
+
+TEST(BalancedAssignment, ExactBalancePaddingAndMeta) {
+  auto scores = torch::zeros({6, 3});
+  scores.select(1, 0).fill_(10.0);  // everyone wants expert 0
+  scores.slice(0, 4, 6).select(1, 0).fill_(20.0);  // tokens 4 and 5 most of all
+  const auto experts = mr::balanced_assignment(scores);
+  EXPECT_EQ(experts[4].item<int64_t>(), 0);
+  EXPECT_EQ(experts[5].item<int64_t>(), 0);
+  EXPECT_TRUE(torch::equal(torch::bincount(experts, {}, 3), longs({2, 2, 2}, {3})));
+  const auto mask = torch::tensor({true, true, true, true, false, true});
+  const auto masked = mr::balanced_assignment(scores, mask);
+  EXPECT_EQ(masked[4].item<int64_t>(), -1);
+  // 5 valid tokens over 3 experts: 2, 2, 1.
+  EXPECT_TRUE(torch::equal(torch::bincount(masked.index({mask}), {}, 3), longs({2, 2, 1}, {3})));
+  expect_meta(mr::balanced_assignment(scores.to(at::kMeta)), {6}, at::kLong);
+  EXPECT_THROW(mr::balanced_assignment(scores, std::nullopt, -1), c10::Error);
+}
