@@ -70,15 +70,20 @@ $(TORCH_DIR)/venv/.ready:
 	$(TORCH_DIR)/venv/bin/python -m pip install -q "torch==$(TORCH)" $(TEST_PACKAGES) "setuptools>=77" wheel
 	touch $@
 
+# It builds in place in a copy of the tree (build/torch-X/src), so that the
+# test processes, and the processes they spawn, import that build and never
+# the source tree's extension.
 test-torch: apt-deps $(TORCH_DIR)/venv/.ready
-	MOE_ROUTING_CUDA=0 $(TORCH_DIR)/venv/bin/python setup.py -q build \
-	  --build-base $(TORCH_DIR) --build-lib $(TORCH_DIR)/lib --build-temp $(TORCH_DIR)/temp
-	PYTHONPATH=$(abspath $(TORCH_DIR)/lib) $(TORCH_DIR)/venv/bin/python -c \
-	  "import sys; del sys.path[0]; import torch, moe_routing; so = moe_routing._C.__file__; \
+	rm -rf $(TORCH_DIR)/src && mkdir -p $(TORCH_DIR)/src
+	tar -cf - --exclude=./build --exclude=./build-cpp --exclude=./demo_out --exclude=./.git \
+	  --exclude='*.so' --exclude='*.egg-info' . | tar -xf - -C $(TORCH_DIR)/src
+	cd $(TORCH_DIR)/src && MOE_ROUTING_CUDA=0 ../venv/bin/python setup.py -q build_ext --inplace
+	cd $(TORCH_DIR)/src && ../venv/bin/python -c \
+	  "import sys, os, torch, moe_routing; so = moe_routing._C.__file__; \
 	  print('torch', torch.__version__, 'extension', so); \
 	  assert torch.__version__.split('+')[0] == sys.argv[1], torch.__version__; \
-	  assert so.startswith(sys.argv[2] + '/'), so" $(TORCH) $(abspath $(TORCH_DIR)/lib)
-	PYTHONPATH=$(abspath $(TORCH_DIR)/lib) $(TORCH_DIR)/venv/bin/pytest -q
+	  assert so.startswith(os.getcwd() + '/'), so" $(TORCH)
+	cd $(TORCH_DIR)/src && ../venv/bin/python -m pytest -q -p no:cacheprovider
 
 test-torch-range:
 	$(MAKE) test-torch TORCH=$(TORCH_OLDEST)

@@ -188,11 +188,14 @@ def _capacity_traced(num_tokens, num_experts: int, k: int, capacity_factor: floa
             "moe_routing::capacity: needs num_experts >= 1, k in [1, num_experts], "
             f"capacity_factor in (0, 1e6] and min_capacity >= 0, got num_experts={num_experts}, "
             f"k={k}, capacity_factor={capacity_factor}, min_capacity={min_capacity}")
-    torch._check(num_tokens >= 0, lambda: "moe_routing::capacity: num_tokens must be >= 0")
+    if isinstance(num_tokens, int) and num_tokens < 0:  # a SymInt token count is a size
+        raise ValueError(f"moe_routing::capacity: num_tokens must be >= 0, got {num_tokens}")
     denominator = 1_000_000
     numerator = math.floor(capacity_factor * denominator + 0.5)  # llround for positives
     divisor = denominator * num_experts
     rows = (num_tokens * (numerator * k) + (divisor - 1)) // divisor
+    if isinstance(num_tokens, int):  # a static count: plain ints (older Dynamo breaks on sym_max)
+        return min(max(rows, min_capacity), num_tokens)
     return torch.sym_min(torch.sym_max(rows, min_capacity), num_tokens)
 
 
