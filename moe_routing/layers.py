@@ -485,10 +485,10 @@ def routing_stats(scores: torch.Tensor, load: torch.Tensor, kept: torch.Tensor,
     load_f = load.float()
     p = scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)
     entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
-    if mask is None:
-        mean_entropy = entropy.mean() if entropy.numel() else entropy.sum()
-    else:
-        mean_entropy = (entropy * mask).sum() / mask.sum().clamp_min(1)
+    # A count that is a tensor, not a branch on the token count: no guard on T
+    # under torch.compile, and 0 (not NaN) for an empty batch.
+    valid = torch.ones_like(entropy) if mask is None else mask.to(entropy.dtype)
+    mean_entropy = (entropy * valid).sum() / valid.sum().clamp_min(1)
     return {
         "load": load,
         "kept": kept,
