@@ -75,8 +75,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import ops
-
 _layer_ids = itertools.count()
 
 
