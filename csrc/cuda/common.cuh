@@ -61,7 +61,7 @@ struct alignas(16) Vec16 {
   scalar_t v[size];
 };
 
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+__host__ __device__ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Rows of H elements can move as 16-byte vectors when every row starts on a
 // 16-byte boundary.
