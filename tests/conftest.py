@@ -249,6 +249,20 @@ def z_loss_abs_terms(logits, mask=None):
     return lse.square().mean() + 2 * lse.abs().mean()
 
 
+def z_loss_grad_abs_terms(logits, mask=None, grad=1.0):
+    """[T, E]: the magnitude of the sums behind z_loss's gradient
+    2 g / N * lse_t * softmax_te (n = E): the softmax's E-term positive sum
+    (relative, so the gradient itself) and lse_t's absolute error from the
+    same sum, times 2 |g| / N * softmax_te."""
+    x = logits.detach().cpu().double()
+    valid = torch.ones(x.shape[0], dtype=torch.bool) if mask is None else mask.cpu()
+    N = max(int(valid.sum()), 1)
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    p = torch.softmax(x, dim=-1)
+    terms = 2 * abs(float(grad)) / N * p * (lse.abs() + 1)
+    return torch.where(valid[:, None], terms, 0.0)
+
+
 def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     """The same values in a tensor whose last dimension has stride 2."""
     wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
