@@ -69,8 +69,8 @@ def test_backward_matches_reference(device, dtype):
         gy = torch.randn(slots.shape[0], x.shape[1]).to(dtype)
         for (xx, eo, w), fns, s in [(leaves, mr, slots), (exact, ref, slots.cpu())]:
             dispatched, combined = fns.dispatch(xx, s, num_rows), fns.combine(eo, s, w)
-            torch.autograd.backward([dispatched, combined],
-                                    [on(xx.device, gd.to(dispatched.dtype)), on(xx.device, gy.to(combined.dtype))])
+            torch.autograd.backward([dispatched, combined], [on(xx.device, gd.to(dispatched.dtype)),
+                                                             on(xx.device, gy.to(combined.dtype))])
         # The sums behind each gradient: x's over its k rows of gd, expert_out's
         # none (weight times gy), the weights' over H (a dot product of gy and a row).
         terms = [(combine_abs_terms(gd, slots), slots.shape[1]), (None, 1),

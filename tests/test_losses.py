@@ -7,7 +7,7 @@ import torch
 import moe_routing as mr
 from moe_routing import reference as ref
 
-from conftest import (FLOAT_DTYPES, assert_close, assert_close_on, cpu, noncontiguous, on, random_mask,
+from conftest import (FLOAT_DTYPES, assert_close_on, cpu, noncontiguous, on, random_mask,
                       z_loss_abs_terms, z_loss_grad_abs_terms)
 
 SHAPES = [(1, 1, 1), (1, 8, 8), (37, 8, 2), (1000, 64, 6), (600, 256, 8), (3000, 16, 1)]
