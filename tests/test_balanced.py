@@ -8,6 +8,8 @@ import torch
 import moe_routing as mr
 from moe_routing import reference as ref
 
+from conftest import on
+
 
 def brute_force_best(scores, capacity):
     """Highest total score over every assignment giving expert e exactly
@@ -22,12 +24,14 @@ def brute_force_best(scores, capacity):
 
 @pytest.mark.parametrize("T,E", [(0, 3), (1, 1), (6, 3), (8, 4), (7, 3), (64, 8), (300, 16)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_exact_balance_and_reference(T, E, masked):
+def test_exact_balance_and_reference(device, T, E, masked):
     g = torch.Generator().manual_seed(T * 31 + E)
     scores = torch.randn(T, E, generator=g)
     mask = torch.rand(T, generator=g) > 0.3 if masked else None
-    experts = mr.balanced_assignment(scores, mask=mask)
+    experts = mr.balanced_assignment(on(device, scores), mask=on(device, mask))
     assert experts.dtype == torch.long and experts.shape == (T,)
+    assert experts.device.type == torch.device(device).type
+    experts = experts.cpu()
     valid = torch.ones(T, dtype=torch.bool) if mask is None else mask
     V = int(valid.sum())
     assert (experts[~valid] == -1).all() and ((experts[valid] >= 0) & (experts[valid] < E)).all()
@@ -35,51 +39,53 @@ def test_exact_balance_and_reference(T, E, masked):
     expected = torch.tensor([V // E + (e < V % E) for e in range(E)])
     assert torch.equal(counts, expected)  # every expert exactly its share
     assert torch.equal(experts, ref.balanced_assignment(scores, mask=mask))
-    assert torch.equal(experts, mr.balanced_assignment(scores, mask=mask))  # deterministic
+    again = mr.balanced_assignment(on(device, scores), mask=on(device, mask))
+    assert torch.equal(experts, again.cpu())  # deterministic
 
 
-def test_near_optimal_against_brute_force():
+def test_near_optimal_against_brute_force(device):
     """Small cases (T = 6, E = 3, two tokens each): the auction's total score
     is within T * epsilon of the best balanced assignment in every case."""
     gaps = []
     for seed in range(40):
         g = torch.Generator().manual_seed(seed)
         scores = torch.randn(6, 3, generator=g, dtype=torch.float64)
-        experts = mr.balanced_assignment(scores, iterations=200, epsilon=1e-4)
+        experts = mr.balanced_assignment(on(device, scores), iterations=200, epsilon=1e-4).cpu()
         ours = float(scores[torch.arange(6), experts].sum())
         gaps.append(brute_force_best(scores, [2, 2, 2]) - ours)
     assert max(gaps) <= 6 * 1e-4 + 1e-12, max(gaps)
 
 
-def test_prefers_each_tokens_best_expert_when_balanced_already():
+def test_prefers_each_tokens_best_expert_when_balanced_already(device):
     scores = torch.eye(4).repeat(2, 1) * 5  # tokens t and t+4 both like expert t % 4
-    assert mr.balanced_assignment(scores).tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert mr.balanced_assignment(on(device, scores)).tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
 
 
-def test_a_popular_expert_is_shared_out():
+def test_a_popular_expert_is_shared_out(device):
     scores = torch.zeros(6, 3)
     scores[:, 0] = 10.0  # everyone wants expert 0
     scores[4:, 0] = 20.0  # tokens 4 and 5 want it most
-    experts = mr.balanced_assignment(scores)
+    experts = mr.balanced_assignment(on(device, scores)).cpu()
     assert experts[4] == 0 and experts[5] == 0
     assert torch.bincount(experts, minlength=3).tolist() == [2, 2, 2]
 
 
-def test_errors():
+def test_errors(device):
     with pytest.raises(RuntimeError, match=r"balanced_assignment: scores must be 2-D \[T, E\]"):
-        mr.balanced_assignment(torch.randn(5))
+        mr.balanced_assignment(torch.randn(5, device=device))
     with pytest.raises(RuntimeError, match=r"balanced_assignment: iterations must be >= 0"):
-        mr.balanced_assignment(torch.randn(5, 2), iterations=-1)
+        mr.balanced_assignment(torch.randn(5, 2, device=device), iterations=-1)
     with pytest.raises(RuntimeError, match=r"balanced_assignment: epsilon must be > 0"):
-        mr.balanced_assignment(torch.randn(5, 2), epsilon=0.0)
+        mr.balanced_assignment(torch.randn(5, 2, device=device), epsilon=0.0)
     with pytest.raises(RuntimeError, match=r"balanced_assignment: mask must have T=5 entries"):
-        mr.balanced_assignment(torch.randn(5, 2), mask=torch.ones(4, dtype=torch.bool))
+        mr.balanced_assignment(torch.randn(5, 2, device=device),
+                               mask=torch.ones(4, dtype=torch.bool, device=device))
 
 
-def test_opcheck_and_compile():
-    scores = torch.randn(12, 4)
+def test_opcheck_and_compile(device):
+    scores = torch.randn(12, 4, device=device)
     torch.library.opcheck(torch.ops.moe_routing.balanced_assignment.default, (scores,),
-                          {"mask": torch.rand(12) > 0.5, "iterations": 8, "epsilon": 1e-3})
+                          {"mask": torch.rand(12, device=device) > 0.5, "iterations": 8, "epsilon": 1e-3})
     torch._dynamo.reset()
     compiled = torch.compile(mr.balanced_assignment, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(scores), mr.balanced_assignment(scores))

@@ -5,44 +5,61 @@ import torch
 import moe_routing as mr
 from moe_routing import reference as ref
 
-from conftest import FLOAT_DTYPES, assert_close_to_exact
+from conftest import (FLOAT_DTYPES, assert_close_to_exact_on, grouped_mm_abs_terms,
+                      grouped_mm_backward_abs_terms, on)
 
 
-def sample_inputs(dtype=torch.float32):
-    """(x, weight, counts): empty experts, unused tail rows, one expert, none."""
+def sample_inputs(device, requires_grad=False, dtype=torch.float32):
+    """(x, weight, counts) on device: empty experts, unused tail rows, one
+    expert, none (made on the CPU: the same values on every device)."""
     for R, H, F, counts in [(0, 4, 3, [0, 0]), (7, 5, 3, [7]), (20, 8, 6, [4, 0, 9]),
                             (64, 16, 32, [10, 0, 0, 20, 30, 0, 2, 1]), (9, 3, 2, [0, 0, 0])]:
         x = torch.randn(R, H).to(dtype)
         weight = torch.randn(len(counts), H, F).to(dtype)
-        yield x, weight, torch.tensor(counts, dtype=torch.long)
+        yield (on(device, x).requires_grad_(requires_grad), on(device, weight).requires_grad_(requires_grad),
+               torch.tensor(counts, dtype=torch.long, device=device))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_matches_reference(dtype):
-    for x, weight, counts in sample_inputs(dtype):
+def test_matches_reference(device, dtype):
+    for x, weight, counts in sample_inputs(device, dtype=dtype):
         out = mr.grouped_mm(x, weight, counts)
-        exact = ref.grouped_mm(x.double(), weight.double(), counts)
-        assert out.dtype == dtype and out.shape == exact.shape
-        assert_close_to_exact(out, exact, dtype)
+        exact = ref.grouped_mm(x.cpu().double(), weight.cpu().double(), counts.cpu())
+        assert out.dtype == dtype and out.shape == exact.shape and out.device == x.device
+        assert_close_to_exact_on(device, out, exact, dtype, abs_sum=grouped_mm_abs_terms(x, weight, counts),
+                                 n=x.shape[1])
         assert torch.equal(out[int(counts.sum()):], torch.zeros_like(out[int(counts.sum()):]))
 
 
-def test_gradcheck():
-    for x, weight, counts in sample_inputs(torch.float64):
-        x.requires_grad_()
-        weight.requires_grad_()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_matches_reference(device, dtype):
+    """Both gradients against the float64 reference's on the same values:
+    grad_x sums over F, grad_weight over each expert's rows."""
+    for x, weight, counts in sample_inputs(device, dtype=dtype):
+        grad = torch.randn(x.shape[0], weight.shape[2]).to(dtype)
+        got = torch.ops.moe_routing.grouped_mm_backward(on(device, grad), x, weight, counts)
+        a, w = x.cpu().double().requires_grad_(), weight.cpu().double().requires_grad_()
+        ref.grouped_mm(a, w, counts.cpu()).backward(grad.double())
+        x_terms, w_terms, rows = grouped_mm_backward_abs_terms(grad, x, weight, counts)
+        for g, exact, terms, n in [(got[0], a.grad, x_terms, weight.shape[2]), (got[1], w.grad, w_terms, rows)]:
+            assert g.dtype == dtype and g.shape == exact.shape and g.device == x.device
+            assert_close_to_exact_on(device, g, exact, dtype, abs_sum=terms, n=n)
+
+
+def test_gradcheck(device):
+    for x, weight, counts in sample_inputs(device, requires_grad=True, dtype=torch.float64):
         assert torch.autograd.gradcheck(lambda a, b: mr.grouped_mm(a, b, counts), (x, weight))
 
 
-def test_noncontiguous_weight():
-    x, weight, counts = list(sample_inputs(torch.float64))[2]
+def test_noncontiguous_weight(device):
+    x, weight, counts = list(sample_inputs(device, dtype=torch.float64))[2]
     w_t = weight.transpose(1, 2).contiguous().transpose(1, 2)
     assert not w_t.is_contiguous()
-    torch.testing.assert_close(mr.grouped_mm(x, w_t, counts), ref.grouped_mm(x, weight, counts))
+    torch.testing.assert_close(mr.grouped_mm(x, w_t, counts).cpu(),
+                               ref.grouped_mm(x.cpu(), weight.cpu(), counts.cpu()))
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck(requires_grad):
-    for x, weight, counts in sample_inputs():
-        torch.library.opcheck(torch.ops.moe_routing.grouped_mm,
-                              (x.requires_grad_(requires_grad), weight.requires_grad_(requires_grad), counts))
+def test_opcheck(device, requires_grad):
+    for x, weight, counts in sample_inputs(device, requires_grad):
+        torch.library.opcheck(torch.ops.moe_routing.grouped_mm, (x, weight, counts))
