@@ -256,6 +256,8 @@ def baseline_pipeline(x, logits, k, E, C):
 
 def bench_pipeline(T, H, E, k, dtype, bench, table, factors, skews):
     s = torch.tensor([], dtype=dtype).element_size()
+    sets = {skewed: [make_inputs(T, H, E, k, dtype, bench.device, skewed, seed) for seed in range(ROTATE)]
+            for skewed in skews}
     for factor in factors:
         C = None if factor is None else mr.capacity(T, E, k, factor)
         rows = T * k if C is None else E * C
@@ -264,7 +266,7 @@ def bench_pipeline(T, H, E, k, dtype, bench, table, factors, skews):
         # x read, buffer written and read back, y written; the same again backward.
         nbytes = T * H * s + 2 * rows * H * s + T * H * s
         for skewed in skews:
-            inputs = [make_inputs(T, H, E, k, dtype, bench.device, skewed, seed) for seed in range(ROTATE)]
+            inputs = sets[skewed]
             label = f"pipeline cf={factor if factor else 'dropless'} {'skewed' if skewed else 'uniform'}"
             table.add(f"{label} fwd", bench.ms(ours, inputs), bench.ms(base, inputs),
                       bench.compiled_ms(f"{table.title} / {label} fwd", lambda: compiled(base), inputs),
@@ -339,10 +341,12 @@ def configuration(device, smoke, full, reps):
         return dict(router=[(16384, 256, 8)], router_dtypes=[FP32, BF16], ops=ops, ops_dtypes=[BF16, FP32],
                     factors=[1.0, 1.25, None], skews=[False, True], layer=layer, reps=reps,
                     layer_reps=max(5, 2 * reps // 3), warmup=3)
-    # The default GPU run (under 6 minutes on an H100): compilation dominates
-    # the ops section (one compile per compiled cell), so bfloat16 only and
-    # two capacity factors; the skewed inputs reuse the uniform ones' shapes.
-    ops = [(16384, 4096, 8, 2, 14336), (16384, 2048, 64, 6, 1408), (4096, 7168, 256, 8, 2048)]
+    # The default GPU run (meant to stay under 6 minutes on an H100):
+    # compilation dominates the ops section (19 compiled cells per shape, a few
+    # seconds each when inductor's caches are cold), so two shapes (few large
+    # experts; many small ones), bfloat16 only, two capacity factors. The
+    # layer section covers E = 8, 64 and 128.
+    ops = [(16384, 4096, 8, 2, 14336), (4096, 7168, 256, 8, 2048)]
     return dict(router=[(16384, 256, 8)], router_dtypes=[FP32, BF16], ops=ops, ops_dtypes=[BF16],
                 factors=[1.25, None], skews=[False, True], layer=layer, reps=reps,
                 layer_reps=max(5, 2 * reps // 3), warmup=3)

@@ -28,7 +28,9 @@ import torch
 import moe_routing as mr
 from timing import CompileLog, Ms, Timer, compiled_ms
 
-REL_TOLERANCE = 2e-2  # max |ours - HF| / max |HF| for bfloat16 outputs and input gradients
+# max |ours - HF| / max |HF| in bfloat16 (measured on CPU at up to H = 4096: 4-7e-3 and 8-11e-3)
+REL_TOLERANCE = 2e-2  # outputs
+GRAD_TOLERANCE = 3e-2  # input gradients (through the experts and the router: more roundings)
 
 
 # ----------------------------------------------------------------------------- grouped-GEMM floor
@@ -145,6 +147,33 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+def compare_with_hf(ours, params, hf, x, gy, k) -> Tuple[str, bool]:
+    """Outputs and input gradients of ours (dropless) and Hugging Face's block
+    on x. Both select from the same bfloat16 logits, where exact ties are
+    common; ours breaks a tie towards the lower expert index, torch.topk
+    need not, so tokens whose expert sets differ on a tie are left out (and
+    counted). A token whose sets differ without a tie is a disagreement."""
+    T, H = x.shape[-2], x.shape[-1]
+    with torch.no_grad():
+        r = ours.router(x.reshape(T, H))
+        _, _, hf_experts = hf.gate(x.reshape(T, H))
+    differ = (r.experts.sort(1).values != hf_experts.sort(1).values).any(1)
+    top = r.logits.float().topk(min(k + 1, r.logits.shape[1]), dim=1).values
+    tied = top[:, k - 1] == top[:, -1] if top.shape[1] > k else torch.zeros_like(differ)
+    untied = int((differ & ~tied).sum())
+    same = ~differ
+    ours_grads = module_step(ours, params)(x, gy)
+    hf_grads = module_step(hf, list(hf.parameters()))(x, gy)
+    y_err = rel_error(ours(x).reshape(T, H)[same], hf(x).reshape(T, H)[same])
+    dx_err = rel_error(ours_grads[0].reshape(T, H)[same], hf_grads[0].reshape(T, H)[same])
+    text = (f"ours (dropless) vs Hugging Face: max |diff| / max |HF| = {y_err:.2e} (output), "
+            f"{dx_err:.2e} (input gradient), tolerances {REL_TOLERANCE:.0e} and {GRAD_TOLERANCE:.0e}, "
+            f"over the {int(same.sum())} of {T} tokens that select the same experts; "
+            f"{int(differ.sum()) - untied} select differently on exact bfloat16 logit ties "
+            f"(ours: lower index first), {untied} without a tie")
+    return text, untied == 0 and y_err <= REL_TOLERANCE and dx_err <= GRAD_TOLERANCE
+
+
 class LayerTable:
     HEAD = ("| contender | fwd+bwd (ms) | % of grouped-GEMM floor | speed-up vs HF eager | "
             "speed-up vs HF compiled | peak memory (MiB) | note |\n|---|---:|---:|---:|---:|---:|---|")
@@ -194,9 +223,9 @@ def bench_layer(T: int, H: int, F: int, E: int, k: int, device: str, timer: Time
     ours.to(dtype)
     capped.router, capped.experts = ours.router, ours.experts
     params = list(ours.parameters())
-    g = torch.Generator().manual_seed(1)
-    inputs = [(torch.randn(1, T, H, generator=g).to(device, dtype), torch.randn(1, T, H, generator=g).to(device, dtype))
-              for _ in range(2)]
+    g = torch.Generator(device=device).manual_seed(1)  # made on the device: GPU inputs are gigabytes
+    rnd = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)  # noqa: E731
+    inputs = [(rnd(1, T, H), rnd(1, T, H)) for _ in range(2)]  # (x, output gradient)
 
     # Grouped-GEMM floor, on the row counts our router gives the first input.
     reason = floor_unavailable(device, dtype)
@@ -207,7 +236,6 @@ def bench_layer(T: int, H: int, F: int, E: int, k: int, device: str, timer: Time
         offs = counts.cumsum(0).to(torch.int32)
         w_in, w_out = ours.experts.w_in.detach().clone(), ours.experts.w_out.detach().clone()
         R = T * k
-        rnd = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
         floor_inputs = [(rnd(R, H), rnd(R, F), rnd(R, H), rnd(R, 2 * F)) for _ in range(2)]
         step = lambda x, h, gy, dh2: floor_step(x, h, gy, dh2, w_in, w_out, offs)  # noqa: E731
         ms = timer.median_ms(step, floor_inputs, warmup=warmup, reps=reps)
@@ -231,19 +259,13 @@ def bench_layer(T: int, H: int, F: int, E: int, k: int, device: str, timer: Time
                            f"experts_implementation=grouped_mm, eager path: {hf_grouped_path(hf, inputs[0][0])}")
         # Same function: outputs and input gradients once per shape.
         x0, gy0 = inputs[0]
-        ours_grads = module_step(ours, params)(x0, gy0)
-        hf_params = list(hf.parameters())
-        hf_grads = module_step(hf, hf_params)(x0, gy0)
-        y_err = rel_error(ours(x0), hf(x0))
-        dx_err = rel_error(ours_grads[0], hf_grads[0])
-        del ours_grads, hf_grads
-        check = (f"ours (dropless) vs Hugging Face: max |diff| / max |HF| = {y_err:.2e} (output), "
-                 f"{dx_err:.2e} (input gradient); tolerance {REL_TOLERANCE:.0e}")
+        check, agree = compare_with_hf(ours, params, hf, x0, gy0, k)
         print(f"  {check}", flush=True)
         table.notes.append(check)
-        if not (y_err <= REL_TOLERANCE and dx_err <= REL_TOLERANCE):
+        if not agree:
             problems.append(f"{title}: ours and Hugging Face disagree: {check}")
             table.notes.append("**OUTPUTS DISAGREE: the timings below do not compare the same function**")
+        hf_params = list(hf.parameters())
         hf_step = module_step(hf, hf_params)
         ms = timer.median_ms(hf_step, inputs, warmup=warmup, reps=reps)
         table.add("hf", "HF Qwen3MoeSparseMoeBlock eager", Ms(ms), timer.peak_mib(hf_step, inputs[0]))
