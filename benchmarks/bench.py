@@ -447,6 +447,10 @@ def main():
                                    f"(baseline-routed layer: {overhead[1]:.1f}%)")
                     table.notes += compile_notes(bench.log, mark, title)
                     sections.append(table.markdown())
+                    torch._dynamo.reset()
+                    gc.collect()
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
         else:
             for (T, H, F, E, k) in cfg["layer"]:
                 mark = len(bench.log.records)

@@ -240,7 +240,7 @@ def bench_layer(T: int, H: int, F: int, E: int, k: int, device: str, timer: Time
         step = lambda x, h, gy, dh2: floor_step(x, h, gy, dh2, w_in, w_out, offs)  # noqa: E731
         ms = timer.median_ms(step, floor_inputs, warmup=warmup, reps=reps)
         table.add("floor", "grouped-GEMM floor (6 GEMMs)", Ms(ms), timer.peak_mib(step, floor_inputs[0]))
-        del floor_inputs, w_in, w_out
+        del floor_inputs, w_in, w_out, step
     else:
         table.add("floor", "grouped-GEMM floor (6 GEMMs)", None, None, reason)
         table.notes.append(f"grouped-GEMM floor n/a: {reason}")
@@ -275,7 +275,7 @@ def bench_layer(T: int, H: int, F: int, E: int, k: int, device: str, timer: Time
         def make_hf_compiled():
             holder["step"] = module_step(torch.compile(hf, dynamic=False), hf_params)
             return holder["step"]
-        ms = compiled_ms(timer, log, f"{title}: {label}", make_hf_compiled, inputs, warmup=warmup, reps=reps)
+        ms = compiled_ms(timer, log, f"{title} / {label}", make_hf_compiled, inputs, warmup=warmup, reps=reps)
         mem = timer.peak_mib(holder["step"], inputs[0]) if ms == ms else None
         table.add("hf_c", label, ms, mem)
         del hf, holder
@@ -295,7 +295,7 @@ def bench_layer(T: int, H: int, F: int, E: int, k: int, device: str, timer: Time
         def make_compiled(module=module, holder=holder):
             holder["step"] = module_step(torch.compile(module, dynamic=False), params)
             return holder["step"]
-        ms = compiled_ms(timer, log, f"{title}: {label} compiled", make_compiled, inputs, warmup=warmup, reps=reps)
+        ms = compiled_ms(timer, log, f"{title} / {label} compiled", make_compiled, inputs, warmup=warmup, reps=reps)
         mem = timer.peak_mib(holder["step"], inputs[0]) if ms == ms else None
         table.add("-", f"{label} compiled", ms, mem)
     table.notes.append("same router and expert weights in every contender; our router in the layer's dtype "
