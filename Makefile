@@ -18,7 +18,7 @@ export PATH := /usr/lib/ccache:$(PATH)
 export MAX_JOBS ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all deps apt-deps install test test-python test-cpp test-torch test-torch-range torch-venv demo bench bench-smoke clean
+.PHONY: all deps apt-deps install test test-python test-cpp test-torch test-torch-range torch-venv demo bench bench-cuda bench-smoke clean
 
 all: install
 
@@ -94,6 +94,9 @@ demo: install
 
 bench: install
 	$(PYTHON) benchmarks/bench.py
+
+bench-cuda: install
+	$(PYTHON) benchmarks/bench.py --device cuda
 
 bench-smoke: install
 	$(PYTHON) benchmarks/bench.py --smoke --out build/bench-smoke.md
