@@ -1,8 +1,10 @@
 // route on CUDA: a group of `width` lanes per token (8 or 16 for small E, a
 // warp up to E = 1024) holds the token's E logits in registers, computes the
 // scores with butterfly reductions, masks groups, picks the top k by k rounds
-// of in-register argmax (NaN ranks last, the lower index wins ties) and writes weights, experts
-// and scores in one pass. The backward is one pass of the same shape.
+// of in-register argmax (NaN ranks last, the lower index wins ties; for float
+// a round is one max over 64-bit keys, value bits and inverted index) and
+// writes weights, experts and scores in one pass. The backward is one pass of
+// the same shape.
 #include <torch/library.h>
 
 #include <cmath>
@@ -47,6 +49,15 @@ __device__ __forceinline__ void group_argmax(acc_t& value, int& index, acc_t& pa
       payload = p;
     }
   }
+}
+
+// A key whose unsigned order is the selection order of (v, e): the float's
+// bits made monotone in the high word (NaN lowest, -0 as +0), ~e in the low
+// word so that ties go to the lower index. 0 means no candidate.
+__device__ __forceinline__ uint64_t selection_key(float v, int e) {
+  const uint32_t bits = __float_as_uint(v == 0.0f ? 0.0f : v);
+  const uint32_t ordered = isnan(v) ? 0u : ((bits & 0x80000000u) ? ~bits : (bits | 0x80000000u));
+  return (static_cast<uint64_t>(ordered) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(e));
 }
 
 template <typename scalar_t, typename acc_t, int width, int vpt>
@@ -163,27 +174,59 @@ __global__ void __launch_bounds__(kThreads) route_kernel(
   }
 
   // k rounds of argmax; lane j of the group keeps the j-th choice.
-  uint32_t taken = 0;
   acc_t my_weight = 0;
   int my_expert = 0;
-  for (int j = 0; j < k; ++j) {
-    acc_t value = neg_inf, payload = 0;
-    int index = INT_MAX;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    // One 64-bit key per candidate orders exactly as ranks_before, so a round
+    // is a plain max: fewer instructions than comparing (value, index) pairs.
+    uint64_t key[vpt];
 #pragma unroll
     for (int i = 0; i < vpt; ++i) {
       const int e = lane + width * i;
-      if (e >= E || ((taken >> i) & 1u)) continue;
-      if (ranks_before(sel[i], e, value, index)) {  // e grows with i: ties keep the lower
-        value = sel[i];
-        index = e;
-        payload = s[i];
+      key[i] = e < E ? selection_key(sel[i], e) : 0;  // 0: no candidate
+    }
+    for (int j = 0; j < k; ++j) {
+      uint64_t best = 0;
+#pragma unroll
+      for (int i = 0; i < vpt; ++i) best = max(best, key[i]);
+      best = group_max<width>(best);
+      // Keys are distinct (the index is in them): one lane holds the winner.
+      acc_t mine = 0;
+#pragma unroll
+      for (int i = 0; i < vpt; ++i) {
+        if (key[i] == best) {
+          mine = s[i];
+          key[i] = 0;
+        }
+      }
+      const int expert = static_cast<int>(~static_cast<uint32_t>(best));
+      const acc_t payload = __shfl_sync(0xffffffffu, mine, expert % width, width);
+      if (lane == j) {
+        my_weight = payload;
+        my_expert = expert;
       }
     }
-    group_argmax<width>(value, index, payload);
-    if (index % width == lane) taken |= 1u << (index / width);
-    if (lane == j) {
-      my_weight = payload;
-      my_expert = index;
+  } else {
+    uint32_t taken = 0;
+    for (int j = 0; j < k; ++j) {
+      acc_t value = neg_inf, payload = 0;
+      int index = INT_MAX;
+#pragma unroll
+      for (int i = 0; i < vpt; ++i) {
+        const int e = lane + width * i;
+        if (e >= E || ((taken >> i) & 1u)) continue;
+        if (ranks_before(sel[i], e, value, index)) {  // e grows with i: ties keep the lower
+          value = sel[i];
+          index = e;
+          payload = s[i];
+        }
+      }
+      group_argmax<width>(value, index, payload);
+      if (index % width == lane) taken |= 1u << (index / width);
+      if (lane == j) {
+        my_weight = payload;
+        my_expert = index;
+      }
     }
   }
   const acc_t sum = group_sum<width>(lane < k ? my_weight : acc_t(0));
