@@ -7,7 +7,7 @@ TORCH_OLDEST ?= 2.6.0
 TORCH_NEWEST ?= 2.15.0
 TORCH ?= $(TORCH_NEWEST)
 TORCH_DIR := build/torch-$(TORCH)
-TEST_PACKAGES := pytest numpy expecttest hypothesis
+TEST_PACKAGES := pytest pytest-timeout numpy expecttest hypothesis
 TRANSFORMERS_VERSION ?= 5.24.0
 BUILD_CPP ?= build-cpp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -27,7 +27,7 @@ all: install
 # Builds run without build isolation, so setuptools must be new enough here.
 deps: apt-deps
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)"
-	@$(PYTHON) -c "import pytest, numpy, expecttest, hypothesis, matplotlib" 2>/dev/null || \
+	@$(PYTHON) -c "import pytest, pytest_timeout, numpy, expecttest, hypothesis, matplotlib" 2>/dev/null || \
 	  $(PYTHON) -m pip install -q $(TEST_PACKAGES) matplotlib
 	@# Hugging Face parity tests (tests/test_hf*.py) compare with this exact release.
 	@$(PYTHON) -c "import transformers; assert transformers.__version__ == '$(TRANSFORMERS_VERSION)'" \

@@ -3,33 +3,18 @@ processes compare the expert-parallel layer with the single-process layer on
 the same global batch and weights. Several checks share one spawn to keep the
 file fast on small machines."""
 import datetime
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import moe_routing as mr
 from moe_routing import parallel
 
+from conftest import run_distributed
+
 RTOL, ATOL = 1e-5, 1e-6
-
-
-def _entry(rank, world, init_file, fn, args):
-    torch.set_num_threads(1)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(tmp_path, world, fn, *args):
-    mp.spawn(_entry, args=(world, str(tmp_path / "init"), fn, args), nprocs=world, join=True)
 
 
 def _close(a, b, what, rtol=RTOL, atol=ATOL):
@@ -258,7 +243,7 @@ def _check_errors(rank, world):
 
 
 def test_equal_to_single_process_world2(tmp_path):
-    _spawn(tmp_path, 2, _equality_worker, CASES_2, ("compile", "errors"))
+    run_distributed(tmp_path, 2, _equality_worker, CASES_2, ("compile", "errors"))
 
 
 def _world4_worker(rank, world, cases):
@@ -275,7 +260,7 @@ def _world4_worker(rank, world, cases):
 
 
 def test_equal_to_single_process_world4_and_training(tmp_path):
-    _spawn(tmp_path, 4, _world4_worker, CASES_4)
+    run_distributed(tmp_path, 4, _world4_worker, CASES_4)
 
 
 # ------------------------------------------------------------------ training

@@ -18,6 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 import moe_routing as mr
 
+from conftest import run_distributed
+
 D, F_HIDDEN, E = 8, 16, 4
 
 # Every MoE configuration a user can build; eval-comparable unless noted.
@@ -280,11 +282,10 @@ def test_wrong_feature_size_names_d_model():
 
 # ---- DDP: gloo, 2 processes ----
 
-def _ddp_worker(rank, world, init_file, out_dir, broadcast_buffers):
+def _ddp_worker(rank, world, out_dir, broadcast_buffers):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = TinyLM(dict(k=2, score="sigmoid", bias_update_rate=0.05, capacity_factor=None,
                         aux_loss_weight=0.0, z_loss_weight=0.0), layers=1)
@@ -299,7 +300,6 @@ def _ddp_worker(rank, world, init_file, out_dir, broadcast_buffers):
         opt.zero_grad()
         mr.update_bias(model, group=dist.group.WORLD)
     torch.save({k: v for k, v in model.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("broadcast_buffers", [True, False])
@@ -308,11 +308,8 @@ def test_ddp_bias_update_uses_every_rank_load(tmp_path, broadcast_buffers):
     step, both ranks hold the same bias and the same weights as one process
     that trains on the global batch (the loss is a per-token mean, so DDP's
     gradient average equals the global-batch gradient)."""
-    import torch.multiprocessing as mp
-
     world = 2
-    mp.spawn(_ddp_worker, args=(world, str(tmp_path / "init"), str(tmp_path), broadcast_buffers),
-             nprocs=world, join=True)
+    run_distributed(tmp_path, world, _ddp_worker, str(tmp_path), broadcast_buffers)
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     torch.manual_seed(0)
