@@ -150,6 +150,19 @@ class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {
   }
 };
 
+class SwigluFunction : public torch::autograd::Function<SwigluFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({h});  // h only: silu(gate) is recomputed in backward
+    return swiglu(h);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {swiglu_backward(grads[0], ctx->get_saved_variables()[0])};
+  }
+};
+
 class ZLossFunction : public torch::autograd::Function<ZLossFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits,
@@ -318,6 +331,14 @@ at::Tensor grouped_mm_autograd(const at::Tensor& x, const at::Tensor& weight,
   return GroupedMmFunction::apply(x, weight, counts);
 }
 
+at::Tensor swiglu_backward_autograd(const at::Tensor& grad, const at::Tensor& h) {
+  return NotTwiceDifferentiable::apply("moe_routing::swiglu_backward", at::TensorList{grad, h}, [&] {
+    return variable_list{swiglu_backward(grad, h)};
+  })[0];
+}
+
+at::Tensor swiglu_autograd(const at::Tensor& h) { return SwigluFunction::apply(h); }
+
 at::Tensor z_loss_autograd(const at::Tensor& logits, const std::optional<at::Tensor>& mask) {
   return ZLossFunction::apply(logits, mask);
 }
@@ -334,6 +355,7 @@ TORCH_LIBRARY_IMPL(moe_routing, Autograd, m) {
   m.impl("z_loss", &z_loss_autograd);
   m.impl("expert_choice", &expert_choice_autograd);
   m.impl("grouped_mm", &grouped_mm_autograd);
+  m.impl("swiglu", &swiglu_autograd);
   m.impl("route_backward", &route_backward_autograd);
   m.impl("dispatch_backward", &dispatch_backward_autograd);
   m.impl("combine_backward", &combine_backward_autograd);
@@ -341,4 +363,5 @@ TORCH_LIBRARY_IMPL(moe_routing, Autograd, m) {
   m.impl("z_loss_backward", &z_loss_backward_autograd);
   m.impl("expert_choice_backward", &expert_choice_backward_autograd);
   m.impl("grouped_mm_backward", &grouped_mm_backward_autograd);
+  m.impl("swiglu_backward", &swiglu_backward_autograd);
 }

@@ -296,6 +296,30 @@ void check_grouped_mm_args(const at::Tensor& x, const at::Tensor& weight, const 
   check_grouped_mm_inputs("moe_routing::grouped_mm", x, weight, counts);
 }
 
+namespace {
+
+void check_swiglu_input(const char* op, const at::Tensor& h) {
+  check_dim(op, "h", h, 2, "[R, 2F]");
+  check_floating(op, "h", h);
+  TORCH_CHECK(h.sym_size(1) % 2 == 0, op,
+              ": h must be [R, 2F] (gate then up), an even number of columns, got ", h.sym_sizes());
+}
+
+}  // namespace
+
+void check_swiglu_args(const at::Tensor& h) { check_swiglu_input("moe_routing::swiglu", h); }
+
+void check_swiglu_backward_args(const at::Tensor& grad, const at::Tensor& h) {
+  constexpr const char* op = "moe_routing::swiglu_backward";
+  check_swiglu_input(op, h);
+  check_dtype(op, "grad", grad, h.scalar_type());
+  check_same_device(op, "grad", grad, h);
+  TORCH_CHECK(grad.dim() == 2 && grad.sym_size(0) == h.sym_size(0) &&
+                  grad.sym_size(1) * 2 == h.sym_size(1),
+              op, ": grad must be [R=", h.sym_size(0), ", F=", h.sym_size(1) / 2, "], got ",
+              grad.sym_sizes());
+}
+
 void check_balanced_assignment_args(const at::Tensor& scores,
                                     const std::optional<at::Tensor>& mask, int64_t iterations,
                                     double epsilon) {

@@ -133,6 +133,16 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_meta(const at::Tensor& gr
   return {empty(x.sym_sizes(), x, x.scalar_type()), empty(weight.sym_sizes(), weight, weight.scalar_type())};
 }
 
+at::Tensor swiglu_meta(const at::Tensor& h) {
+  detail::check_swiglu_args(h);
+  return empty({h.sym_size(0), h.sym_size(1) / 2}, h, h.scalar_type());
+}
+
+at::Tensor swiglu_backward_meta(const at::Tensor& grad, const at::Tensor& h) {
+  detail::check_swiglu_backward_args(grad, h);
+  return empty(h.sym_sizes(), h, h.scalar_type());
+}
+
 }  // namespace
 }  // namespace moe_routing::meta
 
@@ -153,5 +163,7 @@ TORCH_LIBRARY_IMPL(moe_routing, Meta, m) {
   m.impl("expert_choice_backward", &expert_choice_backward_meta);
   m.impl("grouped_mm", &grouped_mm_meta);
   m.impl("grouped_mm_backward", &grouped_mm_backward_meta);
+  m.impl("swiglu", &swiglu_meta);
+  m.impl("swiglu_backward", &swiglu_backward_meta);
   m.impl("balanced_assignment", &balanced_assignment_meta);
 }

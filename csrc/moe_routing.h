@@ -81,6 +81,12 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(const at::Tensor& grad, c
                                                        const at::Tensor& weight,
                                                        const at::Tensor& counts);
 
+// SwiGLU of the experts' first product: h [R, 2F] (gate | up) ->
+// silu(gate) * up [R, F], in one pass with float32 (float64) arithmetic.
+at::Tensor swiglu(const at::Tensor& h);
+// Gradient of swiglu with respect to h: [R, 2F].
+at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& h);
+
 // BASE layers: each valid token gets one expert, expert e exactly
 // floor(V/E) + (e < V mod E) of the V valid tokens, by `iterations` auction
 // rounds then an in-order fill. Returns experts [T] int64 (-1 for padding).
@@ -165,6 +171,9 @@ void check_expert_choice_backward_args(const at::Tensor& grad_weights, const at:
 void check_grouped_mm_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& counts);
 void check_grouped_mm_backward_args(const at::Tensor& grad, const at::Tensor& x,
                                     const at::Tensor& weight, const at::Tensor& counts);
+
+void check_swiglu_args(const at::Tensor& h);
+void check_swiglu_backward_args(const at::Tensor& grad, const at::Tensor& h);
 
 void check_balanced_assignment_args(const at::Tensor& scores,
                                     const std::optional<at::Tensor>& mask, int64_t iterations,

@@ -209,6 +209,17 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(const at::Tensor& grad, c
   return handle.call(grad, x, weight, counts);
 }
 
+at::Tensor swiglu(const at::Tensor& h) {
+  static auto handle = op<at::Tensor(const at::Tensor&)>("moe_routing::swiglu");
+  return handle.call(h);
+}
+
+at::Tensor swiglu_backward(const at::Tensor& grad, const at::Tensor& h) {
+  static auto handle =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&)>("moe_routing::swiglu_backward");
+  return handle.call(grad, h);
+}
+
 at::Tensor z_loss(const at::Tensor& logits, const std::optional<at::Tensor>& mask) {
   static auto handle = op<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&)>(
       "moe_routing::z_loss");
@@ -272,6 +283,8 @@ TORCH_LIBRARY(moe_routing, m) {
       "grouped_mm_backward(Tensor grad, Tensor x, Tensor weight, Tensor counts) "
       "-> (Tensor grad_x, Tensor grad_weight)",
       tags);
+  m.def("swiglu(Tensor h) -> Tensor", tags);
+  m.def("swiglu_backward(Tensor grad, Tensor h) -> Tensor", tags);
   m.def(
       "balanced_assignment(Tensor scores, *, Tensor? mask=None, int iterations=64, "
       "float epsilon=0.001) -> Tensor",

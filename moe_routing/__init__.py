@@ -24,6 +24,7 @@ from .ops import (  # noqa: E402
     load_balancing_loss,
     plan,
     route,
+    swiglu,
     z_loss,
 )
 from .layers import (  # noqa: E402
@@ -34,7 +35,7 @@ from . import reference  # noqa: E402,F401
 __all__ = [
     "ExpertChoice", "Plan", "Routing", "balanced_assignment", "capacity", "combine", "dispatch",
     "expert_choice",
-    "expert_choice_slots", "grouped_mm", "load_balancing_loss", "plan", "route", "z_loss",
+    "expert_choice_slots", "grouped_mm", "load_balancing_loss", "plan", "route", "swiglu", "z_loss",
     "MoE", "Experts", "Router", "RouterOutput", "aux_loss", "expert_load", "routing_stats",
     "update_bias",
 ]

@@ -321,6 +321,17 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> t
     return _ops.grouped_mm(x, weight, counts)
 
 
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of the experts' first product: ``h`` [R, 2F] holds the gate in
+    its first F columns and the up projection in the last F (the layout of
+    ``Experts.w_in`` with ``activation="swiglu"``); returns ``silu(gate) * up``
+    [R, F]. One pass, arithmetic in float32 (float64 for float64), rounded
+    once; the backward recomputes the sigmoid from ``h`` (nothing else is
+    saved) and writes both halves in one pass. Differentiable once.
+    """
+    return _ops.swiglu(h)
+
+
 def balanced_assignment(
     scores: torch.Tensor,
     *,

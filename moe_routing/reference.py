@@ -215,6 +215,12 @@ def grouped_mm(x, weight, counts):
     return out
 
 
+def swiglu(h):
+    gate, up = h.chunk(2, dim=-1)
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    return (torch.nn.functional.silu(gate.to(acc)) * up.to(acc)).to(h.dtype)
+
+
 def balanced_assignment(scores, *, mask=None, iterations=64, epsilon=1e-3):
     """BASE layers' balanced assignment by a fixed number of auction rounds,
     token by token (the op does the same rounds with tensor operations).

@@ -258,6 +258,19 @@ TEST(GroupedMm, MatchesPerExpertProductsAndBackward) {
   EXPECT_THROW(mr::grouped_mm(x.detach(), w.detach(), longs({5, 5}, {2})), c10::Error);  // 10 > 9 rows
 }
 
+TEST(Swiglu, SiluOfGateTimesUpAndBackward) {
+  auto h = torch::randn({5, 6}, torch::kDouble).requires_grad_();
+  const auto y = mr::swiglu(h);
+  const auto gate = h.slice(1, 0, 3), up = h.slice(1, 3, 6);
+  EXPECT_TRUE(torch::allclose(y, gate * torch::sigmoid(gate) * up));
+  y.sum().backward();
+  const auto s = torch::sigmoid(gate);
+  EXPECT_TRUE(torch::allclose(h.grad().slice(1, 3, 6), gate * s));
+  EXPECT_TRUE(torch::allclose(h.grad().slice(1, 0, 3), up * s * (1 + gate * (1 - s))));
+  expect_meta(mr::swiglu(torch::empty({4, 8}, torch::device(at::kMeta))), {4, 4}, at::kFloat);
+  EXPECT_THROW(mr::swiglu(torch::randn({2, 3})), c10::Error);  // odd width
+}
+
 TEST(Losses, SequenceWiseIsTheMeanOverSequences) {
   const auto scores = torch::rand({8, 4}, torch::kDouble);
   const auto experts = torch::randint(0, 4, {8, 2}, torch::kLong);
