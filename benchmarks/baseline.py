@@ -71,3 +71,8 @@ def load_balancing_loss(scores: torch.Tensor, experts: torch.Tensor):
 
 def z_loss(logits: torch.Tensor):
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+def swiglu(h: torch.Tensor):
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up

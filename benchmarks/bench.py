@@ -193,7 +193,8 @@ def bench_ops(T, H, E, k, dtype, bench, table):
         w, e, sc = mr.route(logits, k)
         slots = mr.plan(e, E, C).slots
         buffer = mr.dispatch(x, slots, E * C)
-        routed.append((x, logits, w, e, sc, slots, buffer, torch.randn_like(x)))
+        h = torch.randn(T, 2 * H, generator=torch.Generator().manual_seed(len(routed))).to(device, dtype)
+        routed.append((x, logits, w, e, sc, slots, buffer, torch.randn_like(x), h))
     R = E * C
     kept_rows = T * k  # upper bound of rows moved by combine
     ops = mr
@@ -216,6 +217,10 @@ def bench_ops(T, H, E, k, dtype, bench, table):
          T * E * 4 + T * k * 8, None),
         ("z_loss", lambda l: ops.z_loss(l), lambda l: baseline.z_loss(l), lambda r: (r[1],), [0],
          T * E * 4, None),
+        # The experts' SwiGLU on [T, 2H] (gate | up): fused op against eager silu(gate) * up.
+        ("swiglu", lambda h: ops.swiglu(h), lambda h: baseline.swiglu(h), lambda r: (r[8],), [0],
+         3 * T * H * s,
+         (lambda g, h: torch.ops.moe_routing.swiglu_backward(g, h), lambda r: (r[7], r[8]), 5 * T * H * s)),
     ]
     for name, ours, base, args, leaves, nbytes, backward in specs:
         inputs = [args(r) for r in routed]
