@@ -237,8 +237,12 @@ def test_module_forward_backward_captures_in_a_cuda_graph(capacity_factor, autoc
 @pytest.mark.parametrize("capacity_factor", [1.25, None], ids=["token_choice", "dropless"])
 def test_module_under_reduce_overhead_compile(capacity_factor):
     """torch.compile(mode="reduce-overhead") (Inductor with CUDA graphs) on
-    training steps: outputs and gradients match eager on every step."""
+    training steps: outputs and gradients match eager on every step, and
+    Inductor skipped CUDA graphs for none of the graphs."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     torch.manual_seed(0)
     moe = mr.MoE(64, 96, 8, 2, capacity_factor=capacity_factor, activation="swiglu").cuda()
     eager = copy.deepcopy(moe)
@@ -255,3 +259,4 @@ def test_module_under_reduce_overhead_compile(capacity_factor):
         torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-6)
         for (name, p), q in zip(moe.named_parameters(), eager.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert counters["inductor"]["cudagraph_skips"] == 0, "Inductor ran a graph without CUDA graphs"
