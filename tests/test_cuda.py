@@ -1,8 +1,9 @@
 """CUDA kernels against the CPU kernels (skipped without a GPU): integer
 outputs exactly, floating outputs within dtype tolerance (sums within the
-reduction-aware tolerance); gradcheck and opcheck on CUDA; bitwise-identical
-reruns; the module under torch.compile; CUDA-graph capture and replay of the
-ops and of the layer, and torch.compile(mode="reduce-overhead")."""
+reduction-aware tolerance); bitwise-identical reruns; the module under
+torch.compile; CUDA-graph capture and replay of the ops and of the layer, and
+torch.compile(mode="reduce-overhead"). Each op's own test file runs its
+reference, gradcheck and opcheck tests on CUDA too (the `device` fixture)."""
 import copy
 
 import pytest
@@ -98,21 +99,6 @@ def test_losses_expert_choice_grouped_mm():
     x, w, counts = torch.randn(50, 24), torch.randn(3, 24, 40), torch.tensor([10, 0, 30])
     assert_same(*both(mr.grouped_mm, x, w, counts))
     assert_same(*both(torch.ops.moe_routing.grouped_mm_backward, torch.randn(50, 40), x, w, counts))
-
-
-def test_gradcheck_and_opcheck_on_cuda():
-    dev = "cuda"
-    logits = separated_logits(12, 8, device=dev).requires_grad_()
-    assert torch.autograd.gradcheck(lambda l: mr.route(l, 3)[0::2], (logits,))
-    slots = mr.plan(random_experts(9, 4, 2).to(dev), 4, 3).slots
-    x = torch.randn(9, 5, dtype=torch.float64, device=dev, requires_grad=True)
-    eo = torch.randn(12, 5, dtype=torch.float64, device=dev, requires_grad=True)
-    w = torch.rand(9, 2, dtype=torch.float64, device=dev, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: mr.dispatch(x, slots, 12), (x,))
-    assert torch.autograd.gradcheck(lambda eo, w: mr.combine(eo, slots, w), (eo, w))
-    torch.library.opcheck(torch.ops.moe_routing.route, (logits, 3))
-    torch.library.opcheck(torch.ops.moe_routing.dispatch, (x, slots, 12))
-    torch.library.opcheck(torch.ops.moe_routing.combine, (eo, slots, w))
 
 
 def test_module_is_bitwise_deterministic_and_compiles():
