@@ -136,6 +136,34 @@ struct Operand {
 // owns that range of the contraction dimension and C is [E, M, N] (grad_w).
 enum class Grouping { kRows, kDepth };
 
+// The block's share of one product: expert e, output rows m0..m_end-1 (m_end
+// bounds the tile, it is not m0 + tile rows), contraction range
+// k_begin..k_end-1.
+struct TileSpan {
+  int64_t e, m0, m_end, k_begin, k_end;
+};
+
+// This block's span for `tile_m`-row tiles; false when it has no tile (kRows
+// grids are sized for the most row tiles any counts can need).
+template <Grouping grouping>
+__device__ __forceinline__ bool locate_tile(const int64_t* __restrict__ offsets,
+                                            const int64_t* __restrict__ tile_starts, int64_t E,
+                                            int64_t M, int64_t K, int tile_m, TileSpan& t) {
+  if constexpr (grouping == Grouping::kRows) {
+    if (!find_row_tile(tile_starts, offsets, E, blockIdx.x, tile_m, t.e, t.m0)) return false;
+    t.m_end = offsets[t.e + 1];
+    t.k_begin = 0;
+    t.k_end = K;
+  } else {
+    t.e = blockIdx.z;
+    t.m0 = static_cast<int64_t>(blockIdx.x) * tile_m;
+    t.m_end = M;
+    t.k_begin = offsets[t.e];
+    t.k_end = offsets[t.e + 1];
+  }
+  return true;
+}
+
 // ----------------------------------------------------------------- float32 / float64
 
 constexpr int kTileSize = 16;
@@ -151,19 +179,9 @@ __global__ void simt_grouped_mm_kernel(Operand<scalar_t> a, Operand<scalar_t> b,
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t tile_a[kTileSize][kTileSize + 1];
   __shared__ acc_t tile_b[kTileSize][kTileSize + 1];
-  int64_t e, m0, m_end, k_begin, k_end;
-  if constexpr (grouping == Grouping::kRows) {
-    if (!find_row_tile(tile_starts, offsets, E, blockIdx.x, kTileSize, e, m0)) return;
-    m_end = offsets[e + 1];
-    k_begin = 0;
-    k_end = K;
-  } else {
-    e = blockIdx.z;
-    m0 = static_cast<int64_t>(blockIdx.x) * kTileSize;
-    m_end = M;
-    k_begin = offsets[e];
-    k_end = offsets[e + 1];
-  }
+  TileSpan span;
+  if (!locate_tile<grouping>(offsets, tile_starts, E, M, K, kTileSize, span)) return;
+  const auto [e, m0, m_end, k_begin, k_end] = span;
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTileSize;
   const scalar_t* a_e = a.ptr + e * a.se;
@@ -269,19 +287,9 @@ __global__ void __launch_bounds__(kTcThreads) tc_grouped_mm_kernel(
   __shared__ __align__(128) T tile_a[kTcM * (kTcK + kTcPad)];
   __shared__ __align__(128) T tile_b[kTcK * (kTcN + kTcPad)];
   __shared__ __align__(128) float tile_c[kTcM * (kTcN + 4)];
-  int64_t e, m0, m_end, k_begin, k_end;
-  if constexpr (grouping == Grouping::kRows) {
-    if (!find_row_tile(tile_starts, offsets, E, blockIdx.x, kTcM, e, m0)) return;
-    m_end = offsets[e + 1];
-    k_begin = 0;
-    k_end = K;
-  } else {
-    e = blockIdx.z;
-    m0 = static_cast<int64_t>(blockIdx.x) * kTcM;
-    m_end = M;
-    k_begin = offsets[e];
-    k_end = offsets[e + 1];
-  }
+  TileSpan span;
+  if (!locate_tile<grouping>(offsets, tile_starts, E, M, K, kTcM, span)) return;
+  const auto [e, m0, m_end, k_begin, k_end] = span;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTcN;
   const T* a_e = reinterpret_cast<const T*>(a.ptr + e * a.se);
   const T* b_e = reinterpret_cast<const T*>(b.ptr + e * b.se);
