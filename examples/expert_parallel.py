@@ -76,8 +76,7 @@ def main():
             print(f"step {step}: loss {loss.item():.4f} "
                   f"balance {stats['balance_loss'].item():.3f} "
                   f"dropped {stats['dropped_fraction'].item():.3f}")
-    del ddp  # DDP goes before its process group: on torch 2.6 the other order can hang at exit
-    dist.destroy_process_group()
+    dist.destroy_process_group()  # torch < 2.8 can deadlock here now and then: see the README
 
 
 if __name__ == "__main__":
