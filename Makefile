@@ -2,12 +2,18 @@
 # make test-torch TORCH=X: CPU build + pytest against torch==X in its own venv.
 PYTHON ?= python3
 TORCH_VERSION ?= 2.14.1
-# The supported range (pyproject.toml): CI tests both ends.
+# The supported range (pyproject.toml): CI tests both ends, and the torch and
+# transformers of the lent H100's image, where Dynamo behaves unlike at either end.
 TORCH_OLDEST ?= 2.6.0
 TORCH_NEWEST ?= 2.15.0
+TORCH_GPU_HOST ?= 2.11.0
+TRANSFORMERS_GPU_HOST ?= 5.17.0
 TORCH ?= $(TORCH_NEWEST)
 TORCH_DIR := build/torch-$(TORCH)
 TEST_PACKAGES := pytest pytest-timeout numpy expecttest hypothesis
+# transformers==VENV_TRANSFORMERS in the torch-X venv too (empty: none; the
+# Hugging Face tests then skip).
+VENV_TRANSFORMERS ?=
 TRANSFORMERS_VERSION ?= 5.24.0
 BUILD_CPP ?= build-cpp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -67,7 +73,8 @@ torch-venv: $(TORCH_DIR)/venv/.ready
 $(TORCH_DIR)/venv/.ready:
 	rm -rf $(TORCH_DIR)/venv
 	$(PYTHON) -m venv $(TORCH_DIR)/venv
-	$(TORCH_DIR)/venv/bin/python -m pip install -q "torch==$(TORCH)" $(TEST_PACKAGES) "setuptools>=77" wheel
+	$(TORCH_DIR)/venv/bin/python -m pip install -q "torch==$(TORCH)" $(TEST_PACKAGES) "setuptools>=77" wheel \
+	  $(if $(VENV_TRANSFORMERS),"transformers==$(VENV_TRANSFORMERS)")
 	touch $@
 
 # It builds in place in a copy of the tree (build/torch-X/src), so that the

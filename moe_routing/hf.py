@@ -31,8 +31,9 @@ Llama4TextMoe                 top-k of the logits, sigmoid weights applied to th
                               ``gate_up_proj`` [E, H, 2F] and ``down_proj`` [E, F, H]
 SwitchTransformersSparseMLP   top-1 softmax, weight = top-1 probability, capacity
                               ``expert_capacity`` per batch row in token order
-                              (``capacity_per_row``), ReLU/GELU experts ``wi``/``wo``,
-                              router ``jitter_noise`` (on the router's copy only)
+                              (``capacity_per_row``; dropless on transformers 5.0-5.17,
+                              see below), ReLU/GELU experts ``wi``/``wo``, router
+                              ``jitter_noise`` (on the router's copy only)
 ============================  ==========================================================
 
 Not supported: GPT-OSS (its experts have biases and a clamped, interleaved
@@ -42,7 +43,11 @@ and transformers 5.24's ``NllbMoeExperts`` one-hot-encodes the 0/1 top-1 mask,
 so only experts 0 and 1 run; its router is reproduced exactly by
 ``MoE(k=2, normalize=False, priority="choice" or "batch",
 renormalize_after_drop=True, expert_capacity=C)``, tested against
-``NllbMoeTop2Router``). Switch and NLLB-MoE padding: Hugging Face routes padding
+``NllbMoeTop2Router``). Switch on transformers 5.0-5.17: its sparse MLP flattens the tokens before
+the router, whose capacity count then runs over an axis of length 1 and never
+drops a token (5.18 routes per batch row again, as 4.x did); :func:`from_hf`
+reproduces the installed version, so there it gives a dropless layer.
+Switch and NLLB-MoE padding: Hugging Face routes padding
 tokens, which then take capacity; :func:`patch` routes them nowhere, so outputs
 of valid tokens can differ when a row overflows.
 
@@ -149,6 +154,18 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
     return moe.train(block.training)
 
 
+def _switch_drops_nothing() -> bool:
+    """True on transformers 5.0-5.17, whose Switch block never applies its
+    expert capacity (see the module docstring)."""
+    import sys
+    version = getattr(sys.modules.get("transformers"), "__version__", "")
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return False  # unknown: the current behaviour
+    return major == 5 and minor < 18
+
+
 def _from_switch(block, **overrides) -> MoE:
     router, experts = block.router, block.experts
     classifier = router.classifier
@@ -163,8 +180,10 @@ def _from_switch(block, **overrides) -> MoE:
         raise ValueError(f"moe_routing.hf.from_hf: Switch experts with {type(first.act).__name__} "
                          "or gated feed-forwards are not supported")
     dtype, device = first.wi.weight.dtype, first.wi.weight.device
-    options = dict(capacity_factor=1.0, capacity_per_row=True,
-                   expert_capacity=int(router.expert_capacity), activation=activation,
+    capacity = (dict(capacity_factor=None) if _switch_drops_nothing() else
+                dict(capacity_factor=1.0, capacity_per_row=True,
+                     expert_capacity=int(router.expert_capacity)))
+    options = dict(**capacity, activation=activation,
                    aux_loss_weight=0.0, z_loss_weight=0.0, score="softmax",
                    jitter=float(router.jitter_noise),
                    dtype=torch.float64 if dtype == torch.float64 else torch.float32)

@@ -506,7 +506,14 @@ def update_bias(model: nn.Module, group=None) -> None:
 
 
 def _is_exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    # torch.compiler.is_exporting() returns this flag, but the Dynamo of some
+    # releases (torch 2.11 among them) folds the call to True under any
+    # torch.compile, which would drop the losses and statistics of every
+    # compiled forward; the flag itself is True only under torch.export.
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if flag is not None:
+        return bool(flag)
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch 2.6: no flag
     return bool(is_exporting and is_exporting())
 
 

@@ -226,7 +226,13 @@ def _sum_over(ep, group, x, what, differentiable=True):
     gather = _gather_fn(differentiable)
     n = dist.get_world_size(group)
     out = _collective(ep, what, lambda: gather(x.contiguous()[None], 0, group))
-    return out.view(n, *x.shape).sum(0)
+    parts = out.view(n, *x.shape).unbind(0)
+    total = parts[0]
+    for part in parts[1:]:
+        # Added in rank order rather than with sum(0), whose backward hands the
+        # gather an expanded (stride-0) gradient that torch 2.11's refuses.
+        total = total + part
+    return total
 
 
 # ----------------------------------------------------------------- forward
