@@ -3,7 +3,9 @@
 // vectorised over F; reduced dtypes widened to float32 lanes, rounded once).
 #include <torch/library.h>
 
-#include <cmath>
+#include <algorithm>
+#include <array>
+#include <tuple>
 
 #include "../moe_routing.h"
 #include "rows.h"
@@ -34,65 +36,52 @@ inline void swiglu_grad_lanes(const at::vec::Vectorized<acc_t>& dy,
   dg = dy * u * s * (one + g * (one - s));
 }
 
+// out[o][0:F] from in[i][0:F], one vector of columns at a time: the inputs
+// widened to acc_t lanes, op(x, y) on them, y rounded once to scalar_t. The
+// last, partial vector is a partial load and store, so op is the only formula.
+template <typename scalar_t, typename acc_t, size_t n_in, size_t n_out, typename Op>
+inline void map_columns(const std::array<scalar_t*, n_out>& out,
+                        const std::array<const scalar_t*, n_in>& in, int64_t F, const Op& op) {
+  using fVec = at::vec::Vectorized<acc_t>;
+  using sVec = at::vec::Vectorized<scalar_t>;  // fVec itself for float and double
+  for (int64_t f = 0; f < F; f += sVec::size()) {
+    const int64_t count = std::min<int64_t>(sVec::size(), F - f);
+    std::array<fVec, n_in> x_lo, x_hi;
+    std::array<fVec, n_out> y_lo, y_hi;
+    if constexpr (is_reduced_v<scalar_t>) {
+      for (size_t i = 0; i < n_in; ++i) {
+        std::tie(x_lo[i], x_hi[i]) = at::vec::convert_to_float<scalar_t>(sVec::loadu(in[i] + f, count));
+      }
+      op(x_lo, y_lo);
+      op(x_hi, y_hi);
+      for (size_t o = 0; o < n_out; ++o) {
+        at::vec::convert_from_float<scalar_t>(y_lo[o], y_hi[o]).store(out[o] + f, count);
+      }
+    } else {
+      for (size_t i = 0; i < n_in; ++i) x_lo[i] = fVec::loadu(in[i] + f, count);
+      op(x_lo, y_lo);
+      for (size_t o = 0; o < n_out; ++o) y_lo[o].store(out[o] + f, count);
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void swiglu_row(scalar_t* out, const scalar_t* gate, const scalar_t* up, int64_t F) {
   using fVec = at::vec::Vectorized<acc_t>;
-  int64_t f = 0;
-  if constexpr (is_reduced_v<scalar_t>) {
-    using rVec = at::vec::Vectorized<scalar_t>;
-    for (; f + rVec::size() <= F; f += rVec::size()) {
-      auto [g0, g1] = at::vec::convert_to_float<scalar_t>(rVec::loadu(gate + f));
-      auto [u0, u1] = at::vec::convert_to_float<scalar_t>(rVec::loadu(up + f));
-      fVec y0, y1;
-      swiglu_lanes<acc_t>(g0, u0, y0);
-      swiglu_lanes<acc_t>(g1, u1, y1);
-      at::vec::convert_from_float<scalar_t>(y0, y1).store(out + f);
-    }
-  } else {
-    for (; f + fVec::size() <= F; f += fVec::size()) {
-      fVec y;
-      swiglu_lanes<acc_t>(fVec::loadu(gate + f), fVec::loadu(up + f), y);
-      y.store(out + f);
-    }
-  }
-  for (; f < F; ++f) {
-    const acc_t g = static_cast<acc_t>(gate[f]), u = static_cast<acc_t>(up[f]);
-    out[f] = static_cast<scalar_t>(g / (acc_t(1) + std::exp(-g)) * u);
-  }
+  map_columns<scalar_t, acc_t, 2, 1>({out}, {gate, up}, F,
+                                     [](const std::array<fVec, 2>& x, std::array<fVec, 1>& y) {
+                                       swiglu_lanes<acc_t>(x[0], x[1], y[0]);
+                                     });
 }
 
 template <typename scalar_t, typename acc_t>
 void swiglu_backward_row(scalar_t* d_gate, scalar_t* d_up, const scalar_t* dy,
                          const scalar_t* gate, const scalar_t* up, int64_t F) {
   using fVec = at::vec::Vectorized<acc_t>;
-  int64_t f = 0;
-  if constexpr (is_reduced_v<scalar_t>) {
-    using rVec = at::vec::Vectorized<scalar_t>;
-    for (; f + rVec::size() <= F; f += rVec::size()) {
-      auto [d0, d1] = at::vec::convert_to_float<scalar_t>(rVec::loadu(dy + f));
-      auto [g0, g1] = at::vec::convert_to_float<scalar_t>(rVec::loadu(gate + f));
-      auto [u0, u1] = at::vec::convert_to_float<scalar_t>(rVec::loadu(up + f));
-      fVec dg0, dg1, du0, du1;
-      swiglu_grad_lanes<acc_t>(d0, g0, u0, dg0, du0);
-      swiglu_grad_lanes<acc_t>(d1, g1, u1, dg1, du1);
-      at::vec::convert_from_float<scalar_t>(dg0, dg1).store(d_gate + f);
-      at::vec::convert_from_float<scalar_t>(du0, du1).store(d_up + f);
-    }
-  } else {
-    for (; f + fVec::size() <= F; f += fVec::size()) {
-      fVec dg, du;
-      swiglu_grad_lanes<acc_t>(fVec::loadu(dy + f), fVec::loadu(gate + f), fVec::loadu(up + f), dg, du);
-      dg.store(d_gate + f);
-      du.store(d_up + f);
-    }
-  }
-  for (; f < F; ++f) {
-    const acc_t d = static_cast<acc_t>(dy[f]), g = static_cast<acc_t>(gate[f]),
-                u = static_cast<acc_t>(up[f]);
-    const acc_t s = acc_t(1) / (acc_t(1) + std::exp(-g));
-    d_up[f] = static_cast<scalar_t>(d * g * s);
-    d_gate[f] = static_cast<scalar_t>(d * u * s * (acc_t(1) + g * (acc_t(1) - s)));
-  }
+  map_columns<scalar_t, acc_t, 3, 2>({d_gate, d_up}, {dy, gate, up}, F,
+                                     [](const std::array<fVec, 3>& x, std::array<fVec, 2>& y) {
+                                       swiglu_grad_lanes<acc_t>(x[0], x[1], x[2], y[0], y[1]);
+                                     });
 }
 
 // Rows per parallel_for task: about 16K elements, so small R still splits.
