@@ -30,6 +30,9 @@ class RouteFunction : public torch::autograd::Function<RouteFunction> {
         moe_routing::route(logits, k, std::string(score), normalize, bias, num_groups,
                            topk_groups, scale, std::string(group_score));
     ctx->mark_non_differentiable({experts});
+    // An unused output's gradient stays undefined instead of becoming zeros:
+    // a [T, E] zero grad_scores would be written and read for nothing.
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({weights, experts, scores});
     ctx->saved_data["score"] = std::string(score);
     ctx->saved_data["normalize"] = detail::resolve_normalize(normalize, k);
@@ -40,9 +43,14 @@ class RouteFunction : public torch::autograd::Function<RouteFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
+    if (!grads[0].defined() && !grads[2].defined()) return variable_list(9);
+    const at::Tensor grad_weights = grads[0].defined() ? grads[0] : at::zeros_like(saved[0]);
+    const std::optional<at::Tensor> grad_scores =
+        grads[2].defined() ? std::optional<at::Tensor>(grads[2]) : std::nullopt;
     const at::Tensor grad_logits = route_backward(
-        grads[0], grads[2], saved[0], saved[1], saved[2], ctx->saved_data["score"].toStringRef(),
-        ctx->saved_data["normalize"].toBool(), ctx->saved_data["scale"].toDouble(),
+        grad_weights, grad_scores, saved[0], saved[1], saved[2],
+        ctx->saved_data["score"].toStringRef(), ctx->saved_data["normalize"].toBool(),
+        ctx->saved_data["scale"].toDouble(),
         static_cast<at::ScalarType>(ctx->saved_data["logits_dtype"].toInt()));
     // logits, k, score, normalize, bias (selection only: no gradient), groups,
     // scale, group_score.
@@ -224,12 +232,15 @@ class NotTwiceDifferentiable : public torch::autograd::Function<NotTwiceDifferen
   }
 };
 
-at::Tensor route_backward_autograd(const at::Tensor& grad_weights, const at::Tensor& grad_scores,
+at::Tensor route_backward_autograd(const at::Tensor& grad_weights,
+                                   const std::optional<at::Tensor>& grad_scores,
                                    const at::Tensor& weights, const at::Tensor& experts,
                                    const at::Tensor& scores, c10::string_view score,
                                    bool normalize, double scale, at::ScalarType logits_dtype) {
+  std::vector<at::Tensor> inputs{grad_weights, weights, scores};
+  if (grad_scores) inputs.push_back(*grad_scores);
   return NotTwiceDifferentiable::apply(
-      "moe_routing::route_backward", at::TensorList{grad_weights, grad_scores, weights, scores}, [&] {
+      "moe_routing::route_backward", at::TensorList(inputs), [&] {
         return variable_list{route_backward(grad_weights, grad_scores, weights, experts, scores,
                                             std::string(score), normalize, scale,
                                             logits_dtype)};

@@ -84,7 +84,8 @@ void check_route_args(const at::Tensor& logits, int64_t k, const std::optional<a
               " experts of the topk_groups=", topk_groups, " selected groups");
 }
 
-void check_route_backward_args(const at::Tensor& grad_weights, const at::Tensor& grad_scores,
+void check_route_backward_args(const at::Tensor& grad_weights,
+                               const std::optional<at::Tensor>& grad_scores,
                                const at::Tensor& weights, const at::Tensor& experts,
                                const at::Tensor& scores, at::ScalarType logits_dtype) {
   constexpr const char* op = "moe_routing::route_backward";
@@ -102,12 +103,14 @@ void check_route_backward_args(const at::Tensor& grad_weights, const at::Tensor&
     TORCH_CHECK(t->sym_sizes() == experts.sym_sizes(), op, ": ", name,
                 " must have the shape of experts ", experts.sym_sizes(), ", got ", t->sym_sizes());
   }
-  check_dtype(op, "grad_scores", grad_scores, dtype);
-  check_same_device(op, "grad_scores", grad_scores, scores);
+  if (grad_scores.has_value()) {
+    check_dtype(op, "grad_scores", *grad_scores, dtype);
+    check_same_device(op, "grad_scores", *grad_scores, scores);
+    TORCH_CHECK(grad_scores->sym_sizes() == scores.sym_sizes(), op,
+                ": grad_scores must have the shape of scores ", scores.sym_sizes(), ", got ",
+                grad_scores->sym_sizes());
+  }
   check_same_device(op, "experts", experts, scores);
-  TORCH_CHECK(grad_scores.sym_sizes() == scores.sym_sizes(), op,
-              ": grad_scores must have the shape of scores ", scores.sym_sizes(), ", got ",
-              grad_scores.sym_sizes());
   TORCH_CHECK(experts.sym_size(0) == scores.sym_size(0), op, ": experts must have T=",
               scores.sym_size(0), " rows like scores, got ", experts.sym_size(0));
 }

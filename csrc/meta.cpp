@@ -26,7 +26,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_meta(
           empty(logits.sym_sizes(), logits, dtype)};
 }
 
-at::Tensor route_backward_meta(const at::Tensor& grad_weights, const at::Tensor& grad_scores,
+at::Tensor route_backward_meta(const at::Tensor& grad_weights,
+                               const std::optional<at::Tensor>& grad_scores,
                                const at::Tensor& weights, const at::Tensor& experts,
                                const at::Tensor& scores, c10::string_view score, bool normalize,
                                double scale, at::ScalarType logits_dtype) {

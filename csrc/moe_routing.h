@@ -24,8 +24,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route(
     const std::optional<at::Tensor>& bias = std::nullopt, int64_t num_groups = 1,
     int64_t topk_groups = 1, double scale = 1.0, const std::string& group_score = "top2");
 
-// Gradient of route with respect to logits.
-at::Tensor route_backward(const at::Tensor& grad_weights, const at::Tensor& grad_scores,
+// Gradient of route with respect to logits. grad_scores is optional: without
+// it the scores' gradient is zero, and no [T, E] zeros are made or read.
+at::Tensor route_backward(const at::Tensor& grad_weights,
+                          const std::optional<at::Tensor>& grad_scores,
                           const at::Tensor& weights, const at::Tensor& experts,
                           const at::Tensor& scores, const std::string& score, bool normalize,
                           double scale, at::ScalarType logits_dtype);
@@ -145,7 +147,8 @@ void check_mask(const char* op, const std::optional<at::Tensor>& mask, const at:
 // reading tensor data (ranks, dtypes, devices, sizes, scalar arguments).
 void check_route_args(const at::Tensor& logits, int64_t k, const std::optional<at::Tensor>& bias,
                       int64_t num_groups, int64_t topk_groups);
-void check_route_backward_args(const at::Tensor& grad_weights, const at::Tensor& grad_scores,
+void check_route_backward_args(const at::Tensor& grad_weights,
+                               const std::optional<at::Tensor>& grad_scores,
                                const at::Tensor& weights, const at::Tensor& experts,
                                const at::Tensor& scores, at::ScalarType logits_dtype);
 void check_plan_args(const at::Tensor& experts, int64_t num_experts,

@@ -97,14 +97,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route(const at::Tensor& logits, i
                      group_score);
 }
 
-at::Tensor route_backward(const at::Tensor& grad_weights, const at::Tensor& grad_scores,
+at::Tensor route_backward(const at::Tensor& grad_weights,
+                          const std::optional<at::Tensor>& grad_scores,
                           const at::Tensor& weights, const at::Tensor& experts,
                           const at::Tensor& scores, const std::string& score, bool normalize,
                           double scale, at::ScalarType logits_dtype) {
   static auto handle =
-      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                    const at::Tensor&, c10::string_view, bool, double, at::ScalarType)>(
-          "moe_routing::route_backward");
+      op<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                    const at::Tensor&, const at::Tensor&, c10::string_view, bool, double,
+                    at::ScalarType)>("moe_routing::route_backward");
   return handle.call(grad_weights, grad_scores, weights, experts, scores, score, normalize, scale,
                      logits_dtype);
 }
@@ -244,7 +245,7 @@ TORCH_LIBRARY(moe_routing, m) {
       "str group_score=\"top2\") -> (Tensor weights, Tensor experts, Tensor scores)",
       tags);
   m.def(
-      "route_backward(Tensor grad_weights, Tensor grad_scores, Tensor weights, Tensor experts, "
+      "route_backward(Tensor grad_weights, Tensor? grad_scores, Tensor weights, Tensor experts, "
       "Tensor scores, str score, bool normalize, float scale, ScalarType logits_dtype) -> Tensor",
       tags);
   m.def(

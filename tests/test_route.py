@@ -74,6 +74,45 @@ def test_backward_matches_reference(device, dtype, score, normalize):
         assert_within(logits.grad, logits_ref.grad, tol, f"{device} logit gradient")
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("used", ["weights", "scores"])
+def test_backward_through_one_output_matches_reference(device, dtype, score, used):
+    """A loss of the weights alone (the usual layer without an auxiliary loss)
+    or of the scores alone: the other output's gradient is undefined, and the
+    backward must treat it as zero without being given zeros."""
+    logits_ref = separated_logits(53, 16, dtype=dtype).requires_grad_()
+    logits = on(device, logits_ref.detach()).requires_grad_()
+    w, _, s = mr.route(logits, 4, score=score, scale=1.5)
+    w_ref, e_ref, s_ref = ref.route(logits_ref, 4, score=score, scale=1.5)
+    out, out_ref = (w, w_ref) if used == "weights" else (s, s_ref)
+    grad = torch.randn_like(out_ref)
+    (out * on(device, grad)).sum().backward()
+    (out_ref * grad).sum().backward()
+    rtol, atol = TOLERANCES[dtype]
+    gw, gs = (grad, torch.zeros_like(s_ref)) if used == "weights" else (torch.zeros_like(w_ref), grad)
+    terms = route_backward_abs_terms(s_ref, e_ref, gw, gs, True, 1.5)
+    tol = rtol * logits_ref.grad.double().abs() + max(atol, 1e-6) + reduction_tolerance(
+        terms, 16 + 4, accumulation_dtype(dtype))
+    assert logits_ref.grad.abs().amax() > 0
+    assert_within(logits.grad, logits_ref.grad, tol, f"{device} logit gradient through the {used}")
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_backward_op_without_grad_scores_equals_zero_grad_scores(device, score):
+    """grad_scores=None is the zero gradient, bit for bit, on every path."""
+    logits = on(device, torch.randn(300, 64) * 2)
+    w, e, s = mr.route(logits, 6, score=score)
+    gw = torch.randn_like(w)
+    back = torch.ops.moe_routing.route_backward
+    for normalize in (True, False):
+        with_none = back(gw, None, w, e, s, score, normalize, 1.5, torch.float32)
+        with_zeros = back(gw, torch.zeros_like(s), w, e, s, score, normalize, 1.5, torch.float32)
+        assert with_none.abs().amax() > 0
+        assert torch.equal(with_none, with_zeros)
+        torch.library.opcheck(back, (gw, None, w, e, s, score, normalize, 1.5, torch.float32))
+
 def test_ties_go_to_lower_index_and_choices_descend(device):
     logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0]], device=device)
     out = mr.route(logits, 4)

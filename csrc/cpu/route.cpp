@@ -146,6 +146,7 @@ void route_kernel(const at::Tensor& logits, const acc_t* bias, int64_t k, Score 
 }
 
 // d logits from d weights and d scores; see reference.route_backward.
+// grad_scores is undefined when the scores' gradient is zero.
 template <typename scalar_t, typename acc_t>
 void route_backward_kernel(const at::Tensor& grad_weights, const at::Tensor& grad_scores,
                            const at::Tensor& weights, const at::Tensor& experts,
@@ -153,7 +154,7 @@ void route_backward_kernel(const at::Tensor& grad_weights, const at::Tensor& gra
                            at::Tensor& grad_logits) {
   const int64_t T = scores.size(0), E = scores.size(1), k = experts.size(1);
   const acc_t* gw = grad_weights.const_data_ptr<acc_t>();
-  const acc_t* gs = grad_scores.const_data_ptr<acc_t>();
+  const acc_t* gs = grad_scores.defined() ? grad_scores.const_data_ptr<acc_t>() : nullptr;
   const acc_t* w = weights.const_data_ptr<acc_t>();
   const int64_t* idx = experts.const_data_ptr<int64_t>();
   const acc_t* s_in = scores.const_data_ptr<acc_t>();
@@ -163,7 +164,11 @@ void route_backward_kernel(const at::Tensor& grad_weights, const at::Tensor& gra
     std::vector<acc_t> g(E);
     for (int64_t t = begin; t < end; ++t) {
       const acc_t* s = s_in + t * E;
-      std::copy(gs + t * E, gs + (t + 1) * E, g.data());
+      if (gs) {
+        std::copy(gs + t * E, gs + (t + 1) * E, g.data());
+      } else {
+        std::fill(g.begin(), g.end(), acc_t(0));
+      }
       // weights_j = factor * s[idx_j], factor = scale / sum_j s[idx_j] when normalised.
       acc_t selected_sum = 0, grad_dot_w = 0;
       for (int64_t j = 0; j < k; ++j) {
@@ -218,7 +223,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
   return {weights, experts, scores};
 }
 
-at::Tensor route_backward_cpu(const at::Tensor& grad_weights, const at::Tensor& grad_scores,
+at::Tensor route_backward_cpu(const at::Tensor& grad_weights,
+                              const std::optional<at::Tensor>& grad_scores,
                               const at::Tensor& weights, const at::Tensor& experts,
                               const at::Tensor& scores, c10::string_view score_name,
                               bool normalize, double scale, at::ScalarType logits_dtype) {
@@ -230,7 +236,8 @@ at::Tensor route_backward_cpu(const at::Tensor& grad_weights, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_dtype, op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     route_backward_kernel<scalar_t, acc_t>(
-        grad_weights.contiguous(), grad_scores.contiguous(), weights.contiguous(),
+        grad_weights.contiguous(), grad_scores ? grad_scores->contiguous() : at::Tensor(),
+        weights.contiguous(),
         experts.contiguous(), scores.contiguous(), score, normalize, static_cast<acc_t>(scale),
         grad_logits);
   });

@@ -237,6 +237,7 @@ __global__ void __launch_bounds__(kThreads) route_kernel(
   }
 }
 
+// grad_scores is nullptr when the scores' gradient is zero.
 template <typename scalar_t, typename acc_t, int width, int vpt>
 __global__ void __launch_bounds__(kThreads) route_backward_kernel(
     const acc_t* __restrict__ grad_weights, const acc_t* __restrict__ grad_scores,
@@ -252,7 +253,7 @@ __global__ void __launch_bounds__(kThreads) route_backward_kernel(
     const int e = lane + width * i;
     const bool in = live && e < E;
     s[i] = in ? scores[t * E + e] : acc_t(0);
-    g[i] = in ? grad_scores[t * E + e] : acc_t(0);
+    g[i] = (in && grad_scores) ? grad_scores[t * E + e] : acc_t(0);
   }
   // weights_j = factor * s[idx_j]; lane j < k owns choice j.
   int idx = 0;
@@ -348,7 +349,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
   return {weights, experts, scores};
 }
 
-at::Tensor route_backward_cuda(const at::Tensor& grad_weights, const at::Tensor& grad_scores,
+at::Tensor route_backward_cuda(const at::Tensor& grad_weights,
+                               const std::optional<at::Tensor>& grad_scores,
                                const at::Tensor& weights, const at::Tensor& experts,
                                const at::Tensor& scores, c10::string_view score_name,
                                bool normalize, double scale, at::ScalarType logits_dtype) {
@@ -361,7 +363,9 @@ at::Tensor route_backward_cuda(const at::Tensor& grad_weights, const at::Tensor&
   const c10::cuda::CUDAGuard guard(scores.device());
   at::Tensor grad_logits = at::empty({T, E}, scores.options().dtype(logits_dtype));
   if (T == 0) return grad_logits;
-  const at::Tensor gw = grad_weights.contiguous(), gs = grad_scores.contiguous();
+  // Without grad_scores the kernel starts from zeros instead of reading them.
+  const at::Tensor gw = grad_weights.contiguous();
+  const at::Tensor gs = grad_scores ? grad_scores->contiguous() : at::Tensor();
   const at::Tensor w = weights.contiguous(), ex = experts.contiguous(), sc = scores.contiguous();
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_dtype, op, [&] {
@@ -369,7 +373,8 @@ at::Tensor route_backward_cuda(const at::Tensor& grad_weights, const at::Tensor&
     with_shape(op, E, [&]<int width, int vpt>() {
       route_backward_kernel<scalar_t, acc_t, width, vpt>
           <<<grid_for(T, kThreads / width), kThreads, 0, stream>>>(
-              gw.const_data_ptr<acc_t>(), gs.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(),
+              gw.const_data_ptr<acc_t>(), gs.defined() ? gs.const_data_ptr<acc_t>() : nullptr,
+              w.const_data_ptr<acc_t>(),
               ex.const_data_ptr<int64_t>(), sc.const_data_ptr<acc_t>(), T, static_cast<int>(E),
               static_cast<int>(k), score == detail::Score::Sigmoid, normalize,
               static_cast<acc_t>(scale), grad_logits.mutable_data_ptr<scalar_t>());
