@@ -2,14 +2,16 @@
 // warp up to E = 1024) holds the token's E logits in registers, computes the
 // scores with butterfly reductions, masks groups, picks the top k by k rounds
 // of in-register argmax (NaN ranks last, the lower index wins ties; for float
-// a round is one max over 64-bit keys, value bits and inverted index) and
-// writes weights, experts and scores in one pass. The backward is one pass of
-// the same shape.
+// a round is one max over 64-bit keys, value bits and inverted index; with a
+// whole warp per token and up to 8 experts per lane, each lane sorts its keys
+// once and a round is a warp reduction of the lanes' best) and writes weights,
+// experts and scores in one pass. The backward is one pass of the same shape.
 #include <torch/library.h>
 
 #include <cmath>
 
 #include "../moe_routing.h"
+#include "../sorting_network.h"
 #include "common.cuh"
 
 namespace moe_routing::cuda {
@@ -58,6 +60,21 @@ __device__ __forceinline__ uint64_t selection_key(float v, int e) {
   const uint32_t bits = __float_as_uint(v == 0.0f ? 0.0f : v);
   const uint32_t ordered = isnan(v) ? 0u : ((bits & 0x80000000u) ? ~bits : (bits | 0x80000000u));
   return (static_cast<uint64_t>(ordered) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(e));
+}
+
+// The warp's largest key. On sm80+ as two 32-bit reductions (redux.sync):
+// the largest high word, then the largest low word among the lanes that hold
+// it, which is the 64-bit maximum in a few instructions instead of five
+// rounds of 64-bit shuffles and compares.
+__device__ __forceinline__ uint64_t warp_max_key(uint64_t key) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t hi = static_cast<uint32_t>(key >> 32), lo = static_cast<uint32_t>(key);
+  const uint32_t best_hi = __reduce_max_sync(0xffffffffu, hi);
+  const uint32_t best_lo = __reduce_max_sync(0xffffffffu, hi == best_hi ? lo : 0u);
+  return (static_cast<uint64_t>(best_hi) << 32) | best_lo;
+#else
+  return group_max<kWarp>(key);
+#endif
 }
 
 template <typename scalar_t, typename acc_t, int width, int vpt>
@@ -185,25 +202,47 @@ __global__ void __launch_bounds__(kThreads) route_kernel(
       const int e = lane + width * i;
       key[i] = e < E ? selection_key(sel[i], e) : 0;  // 0: no candidate
     }
-    for (int j = 0; j < k; ++j) {
-      uint64_t best = 0;
+    if constexpr (width == kWarp && vpt <= 8) {
+      // A whole warp per token: each lane sorts its candidates once, so a
+      // round is one warp max over the lanes' first keys, and the lane that
+      // held the winner moves on to its next key. Keys are distinct and never
+      // 0 for an expert (k <= E), so exactly one lane moves each round.
+      sort_descending(key);
+      for (int j = 0; j < k; ++j) {
+        const uint64_t best = warp_max_key(key[0]);
+        const bool taken = key[0] == best;
 #pragma unroll
-      for (int i = 0; i < vpt; ++i) best = max(best, key[i]);
-      best = group_max<width>(best);
-      // Keys are distinct (the index is in them): one lane holds the winner.
-      acc_t mine = 0;
-#pragma unroll
-      for (int i = 0; i < vpt; ++i) {
-        if (key[i] == best) {
-          mine = s[i];
-          key[i] = 0;
-        }
+        for (int i = 0; i + 1 < vpt; ++i) key[i] = taken ? key[i + 1] : key[i];
+        key[vpt - 1] = taken ? 0 : key[vpt - 1];
+        if (lane == j) my_expert = static_cast<int>(~static_cast<uint32_t>(best));
       }
-      const int expert = static_cast<int>(~static_cast<uint32_t>(best));
-      const acc_t payload = __shfl_sync(0xffffffffu, mine, expert % width, width);
-      if (lane == j) {
-        my_weight = payload;
-        my_expert = expert;
+      // The chosen experts' unbiased scores, from the warp's copy of them.
+      __shared__ acc_t warp_scores[kThreads / kWarp][kWarp * vpt];
+#pragma unroll
+      for (int i = 0; i < vpt; ++i) warp_scores[slot][lane + kWarp * i] = s[i];
+      __syncwarp();
+      if (lane < k) my_weight = warp_scores[slot][my_expert];
+    } else {
+      for (int j = 0; j < k; ++j) {
+        uint64_t best = 0;
+#pragma unroll
+        for (int i = 0; i < vpt; ++i) best = max(best, key[i]);
+        best = group_max<width>(best);
+        // Keys are distinct (the index is in them): one lane holds the winner.
+        acc_t mine = 0;
+#pragma unroll
+        for (int i = 0; i < vpt; ++i) {
+          if (key[i] == best) {
+            mine = s[i];
+            key[i] = 0;
+          }
+        }
+        const int expert = static_cast<int>(~static_cast<uint32_t>(best));
+        const acc_t payload = __shfl_sync(0xffffffffu, mine, expert % width, width);
+        if (lane == j) {
+          my_weight = payload;
+          my_expert = expert;
+        }
       }
     }
   } else {
