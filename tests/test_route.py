@@ -99,6 +99,24 @@ def test_backward_through_one_output_matches_reference(device, dtype, score, use
     assert_within(logits.grad, logits_ref.grad, tol, f"{device} logit gradient through the {used}")
 
 
+
+@pytest.mark.parametrize("used", ["weights", "scores", "both"])
+def test_compiled_backward_through_some_outputs_matches_eager(used):
+    """Default torch.compile traces route's backward with whichever output
+    gradients the loss gives (an unused one undefined in eager)."""
+    def loss(logits):
+        w, _, s = mr.route(logits, 4, scale=1.5)
+        return {"weights": (w * w).sum(), "scores": (s * s).sum(), "both": (w * w).sum() + (s * s).sum()}[used]
+
+    logits = torch.randn(53, 16)
+    grads = []
+    for fn in (loss, torch.compile(loss, fullgraph=True)):
+        x = logits.clone().requires_grad_()
+        fn(x).backward()
+        grads.append(x.grad)
+    assert grads[0].abs().amax() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 def test_backward_op_without_grad_scores_equals_zero_grad_scores(device, score):
     """grad_scores=None is the zero gradient, bit for bit, on every path."""
