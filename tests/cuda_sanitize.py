@@ -66,7 +66,7 @@ def layers():
 def main():
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         for T, E, k, H in [(0, 8, 2, 16), (1, 1, 1, 8), (37, 8, 2, 24), (129, 64, 6, 40), (70, 256, 8, 8),
-                           (9, 1000, 4, 8)]:
+                           (9, 1000, 4, 8), (40, 32, 5, 8), (50, 100, 32, 8)]:
             routing(T, E, k, H, dtype)
     for path in ("default", "native"):
         os.environ["MOE_ROUTING_GROUPED_MM"] = path

@@ -10,7 +10,10 @@ from moe_routing import reference as ref
 from conftest import (FLOAT_DTYPES, TOLERANCES, accumulation_dtype, assert_close_on, assert_within, cpu,
                       noncontiguous, on, reduction_tolerance, route_backward_abs_terms, separated_logits)
 
-SHAPES = [(0, 4, 1), (1, 1, 1), (1, 8, 8), (37, 8, 2), (64, 256, 8), (128, 64, 6), (300, 16, 3)]
+# On CUDA, E picks the lanes per token and experts per lane: 32 experts is one
+# per lane, 100 with k = 32 is four per lane with lanes running out of choices.
+SHAPES = [(0, 4, 1), (1, 1, 1), (1, 8, 8), (37, 8, 2), (64, 256, 8), (128, 64, 6), (300, 16, 3),
+          (40, 32, 5), (50, 100, 32)]
 
 
 def sample_inputs(device, requires_grad=False, dtype=torch.float32):
