@@ -63,3 +63,37 @@ def test_noncontiguous_weight(device):
 def test_opcheck(device, requires_grad):
     for x, weight, counts in sample_inputs(device, requires_grad):
         torch.library.opcheck(torch.ops.moe_routing.grouped_mm, (x, weight, counts))
+
+
+def awkward_layouts(device):
+    """bfloat16 inputs that a CUDA dispatch to torch's grouped GEMM must copy
+    or route to our own kernel (torch would raise): 1024 experts (its limit is
+    1023), a contiguous weight that starts 2 bytes past a 16-byte boundary,
+    and a single row whose row stride (1001) is not a multiple of 8."""
+    g = torch.Generator().manual_seed(5)
+    counts = torch.randint(0, 3, (1024,), generator=g)
+    yield torch.randn(int(counts.sum()) + 3, 16, generator=g), torch.randn(1024, 16, 8, generator=g), counts
+    E, H, F = 3, 32, 16
+    flat = torch.randn(1 + E * H * F, generator=g).to(torch.bfloat16)
+    yield torch.randn(40, H, generator=g), on(device, flat)[1:].view(E, H, F), torch.tensor([10, 0, 25])
+    x = torch.randn(1, 1001, generator=g).to(torch.bfloat16)
+    yield on(device, x)[:, :1000], torch.randn(2, 1000, 8, generator=g), torch.tensor([1, 0])
+
+
+def test_layouts_torchs_grouped_gemm_would_reject(device):
+    for x, weight, counts in awkward_layouts(device):
+        x, weight = on(device, x.to(torch.bfloat16)), on(device, weight.to(torch.bfloat16))
+        counts = on(device, counts)
+        assert x.is_contiguous() and weight.is_contiguous()
+        out = mr.grouped_mm(x, weight, counts)
+        grad = on(device, torch.randn(x.shape[0], weight.shape[2]).to(torch.bfloat16))
+        grad_x, grad_w = torch.ops.moe_routing.grouped_mm_backward(grad, x, weight, counts)
+        a, w = x.cpu().double().requires_grad_(), weight.cpu().double().requires_grad_()
+        exact = ref.grouped_mm(a, w, counts.cpu())
+        exact.backward(grad.cpu().double())
+        x_terms, w_terms, rows = grouped_mm_backward_abs_terms(grad, x, weight, counts)
+        checks = [(out, exact, grouped_mm_abs_terms(x, weight, counts), x.shape[1]),
+                  (grad_x, a.grad, x_terms, weight.shape[2]), (grad_w, w.grad, w_terms, rows)]
+        for got, want, terms, n in checks:
+            assert got.shape == want.shape and got.device == x.device
+            assert_close_to_exact_on(device, got, want.detach(), torch.bfloat16, abs_sum=terms, n=n)

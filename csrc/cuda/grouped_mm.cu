@@ -1,7 +1,7 @@
 // grouped_mm on CUDA, with no host synchronisation and one launch per product.
 // Three paths, picked on the host from shapes, dtype and the device alone:
 //  * bfloat16 on sm90/sm100 with 16-byte-aligned rows: torch's CUTLASS grouped
-//    GEMM (at::_grouped_mm, torch >= 2.8), which reads the group ends from an
+//    GEMM (at::_grouped_mm, torch >= 2.9), which reads the group ends from an
 //    int32 device tensor;
 //  * float16/bfloat16 elsewhere (sm80+): our tensor-core kernel (WMMA 16x16x16,
 //    64 x 64 block tiles, float32 accumulation, 16-byte global loads);
@@ -25,7 +25,9 @@
 #include "../moe_routing.h"
 #include "common.cuh"
 
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+// From torch 2.9: torch 2.8's CUTLASS setup may still require every group's
+// row count to be a multiple of 16 bytes, which packed expert rows are not.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
 #define MOE_ROUTING_HAS_GROUPED_MM 1
 #include <ATen/ops/_grouped_mm.h>
 #else
@@ -390,10 +392,19 @@ bool cutlass_layout(const at::Tensor& t) {
 }
 
 // Whether at::_grouped_mm runs its CUTLASS kernel (its other path reads the
-// offsets on the host): bfloat16, sm90 (sm100 from torch 2.10), aligned.
-bool cutlass_applies(const at::Tensor& x, int64_t K, int64_t N) {
+// offsets on the host) and accepts the operands as they are: bfloat16, sm90
+// (sm100 from torch 2.10), fewer than 1024 groups (its limit), K and N
+// multiples of 8, and every 2-D operand in the layout cutlass_layout checks
+// (a contiguous tensor can still fail it: a misaligned start, or one row with
+// any stride).
+bool cutlass_applies(const at::Tensor& x, int64_t E, int64_t K, int64_t N,
+                     std::initializer_list<at::Tensor> operands) {
   if (!cutlass_allowed_by_env() || x.scalar_type() != at::kBFloat16) return false;
   if (x.size(0) >= std::numeric_limits<int32_t>::max()) return false;  // int32 group ends
+  if (E <= 0 || E >= 1024) return false;
+  for (const at::Tensor& t : operands) {
+    if (!cutlass_layout(t)) return false;
+  }
   const int major = compute_major(x);
   const bool arch = major == 9 || (major == 10 && (TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 10));
   return arch && K > 0 && N > 0 && K % 8 == 0 && N % 8 == 0;
@@ -452,7 +463,8 @@ void rows_product(const at::Tensor& x, const scalar_t* b, int64_t b_e, int64_t b
 // last group are zeroed (CUTLASS leaves them unwritten).
 at::Tensor cutlass_rows_product(const at::Tensor& x, const at::Tensor& b, const Schedule& s) {
   const int64_t R = x.size(0), E = b.size(0), N = b.size(2);
-  at::Tensor out = at::_grouped_mm(x, cutlass_layout(b) ? b : b.contiguous(), s.ends);
+  // clone, not contiguous(): a contiguous weight may still start misaligned.
+  at::Tensor out = at::_grouped_mm(x, cutlass_layout(b) ? b : b.clone(at::MemoryFormat::Contiguous), s.ends);
   zero_tail<at::BFloat16>(s, E, R, N, out);
   return out;
 }
@@ -477,7 +489,7 @@ at::Tensor grouped_mm_cuda(const at::Tensor& x_in, const at::Tensor& weight, con
   const at::Tensor x = x_in.contiguous();
   const int64_t R = x.size(0), K = x.size(1), E = weight.size(0), N = weight.size(2);
 #if MOE_ROUTING_HAS_GROUPED_MM
-  if (R > 0 && E > 0 && cutlass_applies(x, K, N) && aligned16(x.const_data_ptr())) {
+  if (R > 0 && cutlass_applies(x, E, K, N, {x})) {
     return cutlass_rows_product(x, weight, make_schedule(counts, R, 1));
   }
 #endif
@@ -499,8 +511,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& gr
   const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
   const int64_t R = x.size(0), H = x.size(1), E = weight.size(0), F = weight.size(2);
 #if MOE_ROUTING_HAS_GROUPED_MM
-  if (R > 0 && E > 0 && cutlass_applies(x, H, F) && aligned16(x.const_data_ptr()) &&
-      aligned16(grad.const_data_ptr())) {
+  if (R > 0 && cutlass_applies(x, E, H, F, {grad, x.t()})) {
     // grad_x = grad @ W_e^T per expert; grad_w[e] = x_e^T @ grad_e (groups
     // along the contraction dimension).
     const Schedule s = make_schedule(counts, R, 1);
