@@ -242,6 +242,28 @@ def test_router_logits_stay_float32_under_autocast(dtype):
     assert moe.router.weight.grad.dtype == torch.float32
 
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_dropless_experts_run_in_the_autocast_dtype_like_capacity_experts(dtype, activation):
+    """Under autocast the capacity path's experts (torch.bmm) run in the
+    autocast dtype; the dropless ones (grouped_mm, a custom op that autocast
+    does not cast) must too: the same output dtype, the same values as the
+    capacity layer with room for every token, and float32 weight gradients."""
+    torch.manual_seed(0)
+    dropless = mr.MoE(D, F_HIDDEN, E, 2, activation=activation, capacity_factor=None)
+    roomy = copy.deepcopy(dropless)
+    roomy.capacity_factor = roomy.eval_capacity_factor = float(E)  # capacity T: nothing dropped
+    x = torch.randn(2, 9, D)
+    with torch.autocast("cpu", dtype=dtype):
+        y, y_roomy = dropless(x), roomy(x)
+    assert y.dtype == dtype and y_roomy.dtype == dtype
+    assert float(roomy.stats["dropped_fraction"]) == 0.0
+    torch.testing.assert_close(y, y_roomy, rtol=2e-2, atol=2e-2)
+    (y.float().square().sum() + dropless.aux_loss).backward()
+    assert dropless.experts.w_in.grad.dtype == torch.float32
+    assert dropless.experts.w_in.grad.abs().amax() > 0
+
 def test_stats_expose_the_unweighted_losses():
     torch.manual_seed(0)
     moe = mr.MoE(D, F_HIDDEN, E, 2, aux_loss_weight=0.3, z_loss_weight=0.02)
