@@ -71,8 +71,9 @@ class Router(nn.Module):
     ``optimizer.step()``) applies ``b_e += rate * sign(mean load - load_e)``
     to the load pending since its last call and clears it. A forward that
     activation checkpointing re-runs inside backward routes with the same
-    bias and is not counted twice. The pending count is a plain attribute,
-    not a buffer, so DDP's buffer broadcast cannot overwrite it; pass
+    bias and is not counted twice. The pending count is one tensor updated
+    in place (so CUDA graphs' replays add to it), a plain attribute rather
+    than a buffer, so DDP's buffer broadcast cannot overwrite it; pass
     ``update_bias(group)`` to sum it over a process group first, so every
     rank applies the same update.
     ``fixed_bias`` [E] (e.g. DeepSeek-V3's checkpoint-loaded
@@ -117,8 +118,12 @@ class Router(nn.Module):
         else:
             self.fixed_bias = None
         # Load routed since the last update_bias(), [E] int64; not a buffer
-        # (see the class docstring). Created on the first training forward.
+        # (see the class docstring). Updated in place, never rebound, so that
+        # a CUDA graph's replays add to the same memory (marked static for
+        # torch.compile's CUDA graphs); _apply moves it with the module.
         self.pending_load: Optional[torch.Tensor] = None
+        if bias_update_rate > 0:
+            self.pending_load = self._new_count(self.bias.device)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> RouterOutput:
         """x: [T, d_model]; mask: optional [T] bool (False = padding)."""
@@ -150,13 +155,25 @@ class Router(nn.Module):
             return self.bias
         return self.fixed_bias if self.bias is None else self.bias + self.fixed_bias
 
+    def _new_count(self, device) -> torch.Tensor:
+        count = torch.zeros(self.num_experts, dtype=torch.long, device=device)
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(count)
+        return count
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.pending_load is not None:  # .to(), .cuda(): a plain attribute is not moved by nn.Module
+            self.pending_load = fn(self.pending_load)
+            torch._dynamo.mark_static_address(self.pending_load)
+        return self
+
     @torch.no_grad()
     def _count_load(self, experts: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
         load = expert_load(experts, self.num_experts, mask)
         if self.pending_load is None or self.pending_load.device != load.device:
-            self.pending_load = load
-        else:
-            self.pending_load = self.pending_load + load
+            self.pending_load = self._new_count(load.device)  # cleared or moved by hand
+        self.pending_load.add_(load)
 
     @torch.no_grad()
     def update_bias(self, group=None) -> None:
@@ -169,14 +186,13 @@ class Router(nn.Module):
         ``group`` is given: every rank of it must call it."""
         if self.bias is None:
             return
-        load = self.pending_load
-        if load is None:
-            load = torch.zeros(self.num_experts, dtype=torch.long, device=self.bias.device)
+        if self.pending_load is None:
+            self.pending_load = self._new_count(self.bias.device)
+        load = self.pending_load.clone()
         if group is not None:
             import torch.distributed as dist
-            load = load.clone()
             dist.all_reduce(load, op=dist.ReduceOp.SUM, group=group)
-        self.pending_load = None
+        self.pending_load.zero_()
         # No load counted: mean - load is 0 and the bias stays (no host sync).
         load = load.to(self.bias.device, torch.float32)
         self.bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))

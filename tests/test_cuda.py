@@ -184,13 +184,16 @@ def test_ops_forward_and_backward_capture_and_replay():
 
 @pytest.mark.parametrize("capacity_factor", [1.25, None], ids=["token_choice", "dropless"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16_autocast"])
-def test_module_forward_backward_captures_in_a_cuda_graph(capacity_factor, autocast):
+@pytest.mark.parametrize("bias_update_rate", [0.0, 0.05], ids=["aux_loss", "bias_balancing"])
+def test_module_forward_backward_captures_in_a_cuda_graph(capacity_factor, autocast, bias_update_rate):
     """The MoE layer, forward + aux loss + backward, captured once and replayed
     on new batches: output, input gradient and parameter gradients equal a
-    copy of the layer run eagerly on the same batches, bitwise."""
+    copy of the layer run eagerly on the same batches, bitwise. With bias
+    balancing each replay adds its load to the same pending count as eager
+    forwards do, and an eager update_bias() between replays steers the next."""
     torch.manual_seed(0)
     moe = mr.MoE(64, 96, 8, 2, capacity_factor=capacity_factor, activation="swiglu",
-                 aux_loss_weight=0.01, z_loss_weight=0.001).cuda()
+                 aux_loss_weight=0.01, z_loss_weight=0.001, bias_update_rate=bias_update_rate).cuda()
     eager = copy.deepcopy(moe)
     static_x = torch.randn(4, 33, 64, device="cuda", requires_grad=True)
 
@@ -207,7 +210,9 @@ def test_module_forward_backward_captures_in_a_cuda_graph(capacity_factor, autoc
         return y
 
     graph, out = _capture(lambda: step(moe, static_x))
-    for seed in (1, 2):
+    if bias_update_rate:
+        moe.router.pending_load.zero_()  # the warm-up's count; the graph adds to this memory
+    for seed in (1, 2, 3):
         x = torch.randn(4, 33, 64, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed))
         with torch.no_grad():
             static_x.copy_(x)
@@ -218,19 +223,29 @@ def test_module_forward_backward_captures_in_a_cuda_graph(capacity_factor, autoc
         assert torch.equal(static_x.grad, x_eager.grad)
         for (name, p), q in zip(moe.named_parameters(), eager.parameters()):
             assert torch.equal(p.grad, q.grad), name
+        if bias_update_rate:
+            assert torch.equal(moe.router.pending_load, eager.router.pending_load)
+            assert int(moe.router.pending_load.sum()) == (1 if seed < 3 else 2) * 4 * 33 * 2
+            if seed == 1:  # replays 2 and 3 then accumulate two batches
+                moe.update_bias(), eager.update_bias()
+                assert torch.equal(moe.router.bias, eager.router.bias) and moe.router.bias.abs().sum() > 0
 
 
 @pytest.mark.parametrize("capacity_factor", [1.25, None], ids=["token_choice", "dropless"])
-def test_module_under_reduce_overhead_compile(capacity_factor):
+@pytest.mark.parametrize("bias_update_rate", [0.0, 0.05], ids=["aux_loss", "bias_balancing"])
+def test_module_under_reduce_overhead_compile(capacity_factor, bias_update_rate):
     """torch.compile(mode="reduce-overhead") (Inductor with CUDA graphs) on
     training steps: outputs and gradients match eager on every step, and
-    Inductor skipped CUDA graphs for none of the graphs."""
+    Inductor skipped CUDA graphs for none of the graphs. With bias balancing
+    the pending count (mutated in place, marked static) and the bias follow
+    eager's through update_bias() every second step (two micro-batches)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    moe = mr.MoE(64, 96, 8, 2, capacity_factor=capacity_factor, activation="swiglu").cuda()
+    moe = mr.MoE(64, 96, 8, 2, capacity_factor=capacity_factor, activation="swiglu",
+                 bias_update_rate=bias_update_rate).cuda()
     eager = copy.deepcopy(moe)
     compiled = torch.compile(moe, mode="reduce-overhead")
     for step in range(4):
@@ -245,4 +260,8 @@ def test_module_under_reduce_overhead_compile(capacity_factor):
         torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-6)
         for (name, p), q in zip(moe.named_parameters(), eager.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+        if bias_update_rate and step % 2 == 1:
+            assert torch.equal(moe.router.pending_load, eager.router.pending_load)
+            moe.update_bias(), eager.update_bias()
+            torch.testing.assert_close(moe.router.bias, eager.router.bias, rtol=0, atol=0)
     assert counters["inductor"]["cudagraph_skips"] == 0, "Inductor ran a graph without CUDA graphs"

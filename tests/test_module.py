@@ -1,7 +1,10 @@
 """Router, Experts, MoE: against a reference MoE, compile, determinism, masks, losses, stats."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import moe_routing as mr
 from moe_routing import reference as ref
@@ -193,6 +196,40 @@ def test_bias_update_sums_the_micro_batches_since_the_last_call():
     router.update_bias()  # nothing counted since: no change
     assert torch.equal(router.bias, before)
 
+
+
+def test_bias_update_count_lives_in_one_tensor_for_cuda_graphs():
+    """The pending load is one [E] int64 tensor that forwards add to in place
+    and update_bias() clears in place (a CUDA graph's replays write to the
+    memory it captured); it follows .to() and stays int64, and a deep copy
+    gets its own."""
+    router = mr.Router(4, 4, 2, bias_update_rate=0.5)
+    count = router.pending_load
+    assert count.dtype == torch.long and torch.equal(count, torch.zeros(4, dtype=torch.long))
+    router(torch.randn(5, 4)), router(torch.randn(9, 4))
+    assert router.pending_load is count and int(count.sum()) == (5 + 9) * 2
+    router.update_bias()
+    assert router.pending_load is count and int(count.sum()) == 0
+    router(torch.randn(3, 4))
+    router.to(torch.float64)
+    assert router.pending_load.dtype == torch.long and int(router.pending_load.sum()) == 3 * 2
+    twin = copy.deepcopy(router)
+    assert twin.pending_load.data_ptr() != router.pending_load.data_ptr()
+    assert torch.equal(twin.pending_load, router.pending_load)
+
+
+def test_compiled_forward_adds_to_the_same_count_without_recompiling():
+    torch._dynamo.reset()
+    moe = mr.MoE(8, 16, 4, 2, bias_update_rate=0.01)
+    count = moe.router.pending_load
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(moe, backend=counter, fullgraph=True)
+    for step in range(3):
+        compiled(torch.randn(10, 8)).sum().backward()
+        compiled(torch.randn(10, 8)).sum().backward()
+        assert moe.router.pending_load is count and int(count.sum()) == 2 * 10 * 2
+        moe.update_bias()
+    assert counter.frame_count == 1, counter.frame_count
 
 def test_auxiliary_loss_free_balancing_reduces_imbalance():
     # A router skewed toward expert 0; only the bias moves (no gradient step).
