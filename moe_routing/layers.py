@@ -163,9 +163,16 @@ class Router(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        if self.pending_load is not None:  # .to(), .cuda(): a plain attribute is not moved by nn.Module
-            self.pending_load = fn(self.pending_load)
-            torch._dynamo.mark_static_address(self.pending_load)
+        # nn.Module moves parameters and buffers, not this plain attribute:
+        # follow them to fn's device, keeping the counts (none from meta;
+        # never fn's values, which to_empty() would leave uninitialised).
+        if self.pending_load is not None:
+            device = fn(self.pending_load).device
+            if device != self.pending_load.device:
+                moved = self._new_count(device)
+                if not self.pending_load.is_meta:
+                    moved.copy_(self.pending_load)
+                self.pending_load = moved
         return self
 
     @torch.no_grad()

@@ -216,6 +216,11 @@ def test_bias_update_count_lives_in_one_tensor_for_cuda_graphs():
     twin = copy.deepcopy(router)
     assert twin.pending_load.data_ptr() != router.pending_load.data_ptr()
     assert torch.equal(twin.pending_load, router.pending_load)
+    with torch.device("meta"):  # built on meta, then materialised: a zero count, not garbage
+        lazy = mr.Router(4, 4, 2, bias_update_rate=0.5)
+    assert lazy.pending_load.is_meta
+    lazy.to_empty(device="cpu")
+    assert torch.equal(lazy.pending_load, torch.zeros(4, dtype=torch.long))
 
 
 def test_compiled_forward_adds_to_the_same_count_without_recompiling():
