@@ -113,6 +113,9 @@ void check_route_backward_args(const at::Tensor& grad_weights,
   check_same_device(op, "experts", experts, scores);
   TORCH_CHECK(experts.sym_size(0) == scores.sym_size(0), op, ": experts must have T=",
               scores.sym_size(0), " rows like scores, got ", experts.sym_size(0));
+  // route never chooses more than E experts (CUDA's kernel has a lane per choice).
+  TORCH_CHECK(experts.sym_size(1) <= scores.sym_size(1), op, ": experts must have at most E=",
+              scores.sym_size(1), " columns (k <= E), got ", experts.sym_size(1));
 }
 
 void check_plan_args(const at::Tensor& experts, int64_t num_experts,

@@ -162,6 +162,10 @@ def test_backward_ops_check_their_inputs(device):
         ops.route_backward(w.double(), s, w, e, s, "softmax", True, 1.0, torch.float32)
     with pytest.raises(RuntimeError, match=r"route_backward: grad_scores must have the shape of scores"):
         ops.route_backward(w, s[:, :1], w, e, s, "softmax", True, 1.0, torch.float32)
+    many = e.repeat(1, s.shape[1])  # k = 2E choices
+    with pytest.raises(RuntimeError, match=r"route_backward: experts must have at most E=\d+ columns \(k <= E\)"):
+        ops.route_backward(torch.ones_like(many, dtype=w.dtype), None, torch.ones_like(many, dtype=w.dtype),
+                           many, s, "softmax", True, 1.0, torch.float32)
     with pytest.raises(RuntimeError, match=r"combine_backward: weights must have the shape of slots"):
         ops.combine_backward(torch.randn(T, H, device=device), torch.randn(12, H, device=device),
                              slots(d=device), w[:, :1].contiguous())

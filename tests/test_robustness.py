@@ -149,6 +149,33 @@ def test_plan_nan_weights_rank_last(device, priority):
     assert torch.equal(out.slots.cpu(), expected[0])
 
 
+
+@pytest.mark.parametrize("priority", ["score", "batch"])
+def test_plan_nan_weights_rank_last_in_long_sorts(device, priority):
+    """300 assignments: long enough for a radix sort on CUDA, where a negated
+    NaN (sign bit set) could sort first. NaN, -0/+0 and ties against the reference."""
+    g = torch.Generator().manual_seed(3)
+    experts = torch.randint(0, 3, (300, 2), generator=g)
+    experts[:, 1] = (experts[:, 0] + 1) % 3
+    weights = torch.randint(0, 4, (300, 2), generator=g).double() / 4
+    weights[::7] = nan
+    weights[1::11, 0] = nan
+    weights[2::13] = -0.0
+    out = mr.plan(on(device, experts), 3, 60, weights=on(device, weights), priority=priority)
+    expected = ref.plan(experts, 3, 60, weights=weights, priority=priority)
+    assert torch.equal(out.slots.cpu(), expected[0])
+    assert (out.slots.cpu()[::7] == -1).all()  # all-NaN tokens lose every place (capacity 60 < 200 each)
+
+
+def test_expert_choice_never_takes_nan_in_long_sorts(device):
+    scores = torch.rand(200, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    scores[::3, 0] = nan
+    scores[0, :] = nan
+    out = mr.expert_choice(on(device, scores), 150)
+    expected = ref.expert_choice(scores, 150)
+    assert torch.equal(out.tokens.cpu(), expected[1]) and torch.equal(out.weights.cpu(), expected[0])
+    assert not (out.tokens.cpu()[0] % 3 == 0).any() and out.tokens[0, -1].item() == -1
+
 # --- 3. integer overflow ----------------------------------------------------
 
 def test_capacity_huge_arguments():

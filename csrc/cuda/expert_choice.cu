@@ -21,7 +21,9 @@ std::tuple<at::Tensor, at::Tensor> expert_choice_cuda(const at::Tensor& scores, 
   const c10::cuda::CUDAGuard guard(scores.device());
   const int64_t T = scores.size(0), E = scores.size(1);
   const int64_t taken = std::min(capacity, T);
-  at::Tensor columns = scores.t();  // [E, T]
+  // [E, T]; NaN as -inf (neither is ever taken): a negated NaN's sign bit
+  // could sort it first.
+  at::Tensor columns = scores.t().masked_fill(scores.t().isnan(), -std::numeric_limits<double>::infinity());
   if (mask.has_value()) {
     columns = columns.masked_fill(mask->logical_not().unsqueeze(0), -std::numeric_limits<double>::infinity());
   }

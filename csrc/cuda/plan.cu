@@ -147,6 +147,17 @@ void counting_plan(const Walk& w, int64_t E, int64_t capacity, at::Tensor& slots
   }
 }
 
+// int64 keys whose ascending order is x's (float64) descending order, NaN
+// last, -0 equal to +0: the float bits made monotone, then inverted. Sorting
+// these instead of -x keeps NaN last: a negated NaN has its sign bit set,
+// which ATen's radix sort may put first.
+at::Tensor descending_order_keys(const at::Tensor& x_in) {
+  const at::Tensor x = at::where(x_in.eq(0), 0.0, x_in).contiguous();  // -0 as +0
+  const at::Tensor bits = x.view(at::kLong);
+  const at::Tensor ascending = at::where(bits.ge(0), bits, bits.bitwise_xor(INT64_MAX));
+  return at::where(x.isnan(), INT64_MAX, ascending.bitwise_not());
+}
+
 // "score": from the dropless choice-order layout (packed[t, j] = position of
 // the assignment among all, grouped by expert), each expert keeps its C
 // heaviest assignments (ties to the earlier position), rows in choice order.
@@ -165,7 +176,8 @@ at::Tensor keep_heaviest(const at::Tensor& experts, const at::Tensor& weights,
   const at::Tensor expert = at::where(used, experts.reshape(-1).index_select(0, safe_owner), INT64_MAX);
   const at::Tensor weight = weights.reshape(-1).to(at::kDouble).index_select(0, safe_owner);
   // Order by (expert, weight descending, position): two stable sorts.
-  const at::Tensor by_weight = std::get<1>(at::sort(weight.neg(), /*stable=*/true, 0, false));
+  const at::Tensor by_weight =
+      std::get<1>(at::sort(descending_order_keys(weight), /*stable=*/true, 0, false));
   const at::Tensor by_expert =
       by_weight.index_select(0, std::get<1>(at::sort(expert.index_select(0, by_weight), true, 0, false)));
   // Rank by weight inside the expert: position in that order minus the expert's first.
@@ -209,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plan_cuda(
       top1 = at::where(nan.all(1), std::numeric_limits<double>::quiet_NaN(),
                        std::get<0>(w.masked_fill(nan, -std::numeric_limits<double>::infinity()).max(1)));
     }
-    order = std::get<1>(at::sort(top1.neg(), /*stable=*/true, 0, false)).contiguous();
+    order = std::get<1>(at::sort(descending_order_keys(top1), /*stable=*/true, 0, false)).contiguous();
   }
   const Walk w{experts.const_data_ptr<int64_t>(),
                m,
