@@ -23,16 +23,6 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def _matmul_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype a matrix product of t runs in: autocast's on t's device when
-    it is on and would cast t (floating, not float64), else t's own."""
-    device_type = t.device.type
-    eligible = t.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    if device_type in ("cpu", "cuda") and eligible and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return t.dtype
-
-
 def _autocast_disabled(device_type: str):
     if device_type in ("cpu", "cuda", "xpu", "mps", "hpu", "xla"):
         return torch.autocast(device_type, enabled=False)
@@ -234,11 +224,9 @@ class Experts(nn.Module):
     def forward_packed(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Dropless: rows [R, d_model] packed by expert (``counts`` [E] rows
         each, as plan(capacity=None) lays them out) -> [R, d_model]."""
-        # Under autocast, the dtype torch.bmm would run in (the capacity
-        # path's experts): custom ops get no autocast of their own.
-        dtype = _matmul_dtype(rows)
-        h = ops.grouped_mm(rows.to(dtype), self.w_in.to(dtype), counts)
-        return ops.grouped_mm(self._activate(h), self.w_out.to(dtype), counts)
+        # Under autocast grouped_mm casts like torch.bmm (csrc/autocast.cpp).
+        h = ops.grouped_mm(rows, self.w_in.to(rows.dtype), counts)
+        return ops.grouped_mm(self._activate(h), self.w_out.to(rows.dtype), counts)
 
     def _activate(self, h: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":  # one fused pass; saves h alone for backward
