@@ -70,10 +70,12 @@ test: test-python test-cpp
 # folder first on the path. It stops if any other _C.so would be loaded.
 torch-venv: $(TORCH_DIR)/venv/.ready
 
+# --no-cache-dir: pip would otherwise keep a second copy of several GB of
+# wheels per venv, and hold each large download in memory while caching it.
 $(TORCH_DIR)/venv/.ready:
 	rm -rf $(TORCH_DIR)/venv
 	$(PYTHON) -m venv $(TORCH_DIR)/venv
-	$(TORCH_DIR)/venv/bin/python -m pip install -q "torch==$(TORCH)" $(TEST_PACKAGES) "setuptools>=77" wheel \
+	$(TORCH_DIR)/venv/bin/python -m pip install -q --no-cache-dir "torch==$(TORCH)" $(TEST_PACKAGES) "setuptools>=77" wheel \
 	  $(if $(VENV_TRANSFORMERS),"transformers==$(VENV_TRANSFORMERS)")
 	touch $@
 
