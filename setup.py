@@ -228,7 +228,8 @@ def main():
         openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
         cxx_flags = ["-O3", f"-std={CXX_STD}"] + openmp + cpu_flags()
         if build_with_cuda():
-            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+            # PTX of the newest target too, so that later GPUs (sm_100, sm_120) JIT it.
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
             sources += sorted(glob.glob("csrc/cuda/*.cu"))
             return cpp_extension.CUDAExtension(
                 "moe_routing._C",

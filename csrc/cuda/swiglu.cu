@@ -61,7 +61,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < n; ++j) {
       const acc_t gj = static_cast<acc_t>(g.v[j]);
-      y.v[j] = static_cast<scalar_t>(gj * sigmoid_(gj) * static_cast<acc_t>(u.v[j]));
+      // g / (1 + exp(-g)), one division, as torch's silu and the CPU kernel round it.
+      y.v[j] = static_cast<scalar_t>(gj / (acc_t(1) + exp_(-gj)) * static_cast<acc_t>(u.v[j]));
     }
     store<scalar_t, n>(out + r * F + f, y);
   }
