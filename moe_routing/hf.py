@@ -51,8 +51,9 @@ Switch and NLLB-MoE padding: Hugging Face routes padding
 tokens, which then take capacity; :func:`patch` routes them nowhere, so outputs
 of valid tokens can differ when a row overflows.
 
-The result is dropless (``capacity_factor=None``: Hugging Face drops nothing)
-and has ``aux_loss_weight = z_loss_weight = 0``: the model's own loss options
+The result is dropless (``capacity_factor=None``: Hugging Face drops nothing),
+except for Switch Transformers, which keeps its per-row ``expert_capacity``
+(see the table), and has ``aux_loss_weight = z_loss_weight = 0``: the model's own loss options
 are left to the caller (``moe_routing.aux_loss(model)`` after setting the
 weights you want; Hugging Face's Mixtral-style loss is k times ours, see the
 README). Mixtral's ``router_jitter_noise`` (0 by default) is not carried over.

@@ -263,7 +263,8 @@ class MoE(nn.Module):
         ``capacity_factor=None`` is dropless: nothing is dropped, the experts
         run on the packed [T*k, d_model] layout with :func:`grouped_mm`.
       * ``routing="experts"``: Expert Choice (Zhou et al. 2022): each expert
-        takes its top-C tokens by softmax score, C = capacity(T, E, k,
+        takes its top-C tokens by router score (softmax unless
+        ``score="sigmoid"``), C = capacity(T, E, k,
         capacity_factor, min_capacity); no load-balancing loss is needed (the
         z-loss still applies); ``load``/``kept`` count each expert's tokens and
         ``dropped_fraction`` is the share of valid tokens no expert took.

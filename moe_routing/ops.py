@@ -163,7 +163,7 @@ def capacity(
     at most ``num_tokens``.
 
     The factor is taken as an exact fraction to 1e-6 (so 1.1 means 11/10 and
-    ``capacity(10, 1, 1, 1.1)`` is 11, not the 12 that float rounding gives),
+    ``capacity(100, 2, 1, 1.1)`` is 55, not the 56 that float rounding gives),
     and the product is computed in 128-bit integers, so huge arguments neither
     overflow nor divide by zero. Works on SymInt token counts under
     torch.compile.

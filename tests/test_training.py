@@ -355,16 +355,32 @@ def test_ddp_bias_update_uses_every_rank_load(tmp_path, broadcast_buffers):
 
 def test_readme_training_loop_snippets_run():
     """The README's "Using it in a training loop" snippets, executed (those
-    that put tensors on "cuda" only where a GPU exists)."""
+    that put tensors on "cuda" only where a GPU exists), and the README's
+    claim that the compiled training steps break no graph, checked where
+    torch has the checkpoint setting the snippet sets."""
+    from torch._dynamo.utils import counters
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     section = readme.split("## Using it in a training loop", 1)[1].split("\n## ", 1)[0]
     blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
     assert len(blocks) >= 5, "the training-loop section lost its snippets"
     namespace = {}
-    for code in blocks:
-        if '"cuda"' in code and not torch.cuda.is_available():
-            continue
-        exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    flag = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    saved = getattr(torch._dynamo.config, flag, None)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        for code in blocks:
+            if '"cuda"' in code and not torch.cuda.is_available():
+                continue
+            exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+        if saved is not None:
+            assert getattr(torch._dynamo.config, flag), "the Compile snippet no longer sets " + flag
+            assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+            assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        if saved is not None:
+            setattr(torch._dynamo.config, flag, saved)
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("T,E_,k,factor,min_capacity", [
