@@ -7,6 +7,8 @@ model in place.
     handle = mrhf.patch(model)                      # every supported block swapped
     ...
     handle.undo()                                   # the original blocks are back
+    handle.undo(copy_weights=True)                  # ... with the patched model's weights
+    mrhf.to_hf(moe, block)                          # one MoE's weights into its block
 
 transformers is an optional dependency: this module imports nothing from it.
 Supported blocks (transformers 5.x layout: a ``gate`` router with ``weight``
@@ -60,13 +62,14 @@ README). Mixtral's ``router_jitter_noise`` (0 by default) is not carried over.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+import functools
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import ops
-from .layers import MoE
+from .layers import MoE, _in_backward
 
 SUPPORTED = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock",
              "Qwen2MoeSparseMoeBlock", "DeepseekV3MoE", "Llama4TextMoe",
@@ -199,21 +202,175 @@ def _from_switch(block, **overrides) -> MoE:
     return moe.train(block.training)
 
 
+def to_hf(moe: MoE, block: nn.Module) -> nn.Module:
+    """Writes ``moe``'s weights into ``block``, the Hugging Face block it was
+    made from by :func:`from_hf` (in place, in the block's dtype): the
+    inverse of from_hf's copy, so that a fine-tuned model saves with
+    ``save_pretrained`` in Hugging Face's own layout. DeepSeek-V3's
+    ``e_score_correction_bias`` receives the router's selection bias (the
+    ``fixed_bias`` plus any learned balancing ``bias``); any other family
+    has no place for a balancing bias and refuses a non-zero one (this
+    reads it: a host synchronisation). Every shape is checked before
+    anything is written. Returns ``block``."""
+    name = type(block).__name__
+    if name not in SUPPORTED:
+        raise ValueError(f"moe_routing.hf.to_hf: unsupported block {name}; supported: "
+                         f"{', '.join(SUPPORTED)}")
+    router = moe.router
+    pairs = []  # (what, destination in the block, source from the MoE in the block's layout)
+    if name == "SwitchTransformersSparseMLP":
+        pairs.append(("router.weight", block.router.classifier.weight, router.weight))
+        if moe.num_experts != len(block.experts):
+            raise ValueError(f"moe_routing.hf.to_hf: the MoE has {moe.num_experts} experts, but "
+                             f"{name} has {len(block.experts)}")
+        for e in range(moe.num_experts):
+            expert = block.experts[f"expert_{e}"]
+            pairs += [("experts.w_in", expert.wi.weight, moe.experts.w_in[e].t()),
+                      ("experts.w_out", expert.wo.weight, moe.experts.w_out[e].t())]
+        correction = None
+    else:
+        llama4 = name == "Llama4TextMoe"
+        gate, experts = getattr(block, "router" if llama4 else "gate"), block.experts
+        pairs += [("router.weight", gate.weight, router.weight),
+                  ("experts.w_in", experts.gate_up_proj,
+                   moe.experts.w_in if llama4 else moe.experts.w_in.transpose(1, 2)),
+                  ("experts.w_out", experts.down_proj,
+                   moe.experts.w_out if llama4 else moe.experts.w_out.transpose(1, 2))]
+        correction = getattr(gate, "e_score_correction_bias", None)
+        if correction is not None and router.selection_bias() is not None:
+            pairs.append(("the selection bias", correction, router.selection_bias()))
+        shared, shared_gate = _shared_mlp(block)
+        if (shared is None) != (moe.shared_expert is None) or \
+                (shared_gate is None) != (moe.shared_gate is None):
+            raise ValueError(f"moe_routing.hf.to_hf: the MoE's shared expert and its gate do not "
+                             f"match {name}'s: not the block this MoE was made from")
+        if shared is not None:
+            w_in, w_out = moe.shared_expert.w_in[0], moe.shared_expert.w_out[0]
+            hidden = shared.gate_proj.weight.shape[0]
+            pairs += [("shared_expert.w_in", shared.gate_proj.weight, w_in[:, :hidden].t()),
+                      ("shared_expert.w_in", shared.up_proj.weight, w_in[:, hidden:].t()),
+                      ("shared_expert.w_out", shared.down_proj.weight, w_out.t())]
+        if shared_gate is not None:
+            pairs.append(("shared_gate.weight", shared_gate.weight, moe.shared_gate.weight))
+    for what, destination, source in pairs:
+        if source.shape != destination.shape:
+            raise ValueError(f"moe_routing.hf.to_hf: {what} of the MoE is {tuple(source.shape)} in "
+                             f"{name}'s layout, which needs {tuple(destination.shape)}: not the "
+                             "block this MoE was made from")
+    if correction is None and router.bias is not None and bool(router.bias.any()):
+        raise ValueError(f"moe_routing.hf.to_hf: the MoE learned a balancing bias, which {name} "
+                         "cannot hold (only DeepSeek-V3's e_score_correction_bias can)")
+    with torch.no_grad():
+        for _, destination, source in pairs:
+            destination.copy_(source)
+    return block
+
+
+# The padding masks a patched model's blocks route with. Models whose forward
+# takes ``input_ids`` and a mask (the top model, a decoder-only base model, an
+# encoder-decoder's stacks) record the masks they are called with, so a block
+# reads the mask of the innermost such call that names it. Activation
+# checkpointing re-runs a layer in backward, after later forwards may have
+# recorded other masks; Hugging Face checkpoints a layer's forward, not its
+# hooks, so nothing outside the block sees the re-run. Each training forward
+# therefore hooks the gradients of its block's outputs (the result and the
+# auxiliary loss): backward reaches one of them before it needs the saved
+# tensors whose absence makes checkpointing re-run the layer (nothing the
+# layer computed after them needs saved tensors), and the hook makes that
+# forward's masks the re-run's.
+_MASK_NAMES = ("attention_mask", "decoder_attention_mask")
+
+
+def _mask_positions(module: nn.Module) -> dict:
+    """{mask name: positional index, or None for keyword-only} of the masks
+    ``module.forward`` takes, or {} when it takes no ``input_ids`` (a layer,
+    not a model)."""
+    import inspect
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    except (TypeError, ValueError):
+        return {}
+    names = [p.name for p in params]
+    if "input_ids" not in names:
+        return {}
+    return {name: None if params[names.index(name)].kind == params[0].KEYWORD_ONLY
+            else names.index(name) for name in _MASK_NAMES if name in names}
+
+
+class _PatchMasks:
+    """The masks of the current forward (``current``) and, while backward
+    re-runs a checkpointed layer, those of the layer's own forward
+    (``rerun``). Hooks hold it, not closures, so a patched model pickles and
+    deep-copies (the copy gets its own masks)."""
+
+    def __init__(self, positions: List[dict]):
+        self.positions = positions  # per hooked model: {mask name: positional index}
+        self.current: dict = {}
+        self.rerun: Optional[dict] = None
+
+    def __getstate__(self):
+        return {"positions": self.positions}  # masks in flight are not copied
+
+    def __setstate__(self, state):
+        self.__init__(state["positions"])
+
+    def enter_model(self, index: int, args, kwargs):
+        if kwargs.get("output_router_logits"):
+            raise ValueError(_ROUTER_LOGITS_ERROR)
+        current = dict(self.current)  # a new dict: earlier forwards' hooks keep theirs
+        for name, position in self.positions[index].items():
+            if name in kwargs:
+                current[name] = kwargs[name]
+            elif position is not None and position < len(args):
+                current[name] = args[position]
+            else:
+                current[name] = None
+        self.current = current
+
+    def masks_of_this_run(self) -> dict:
+        if _in_backward() and self.rerun is not None:
+            return self.rerun
+        return self.current
+
+    def set_rerun(self, masks: dict, _grad):
+        self.rerun = masks  # returns None: the gradient is left as it is
+
+
+_ROUTER_LOGITS_ERROR = (
+    "moe_routing.hf.patch: output_router_logits=True asks for Hugging Face's own load-balancing "
+    "loss, which needs the router logits of its own blocks; the patched blocks compute their "
+    "losses themselves: pass aux_loss_weight (and z_loss_weight) to patch() and add "
+    "moe_routing.aux_loss(model) to the loss, with output_router_logits=False.")
+
+
+class _ModelHook:
+    """Forward pre-hook of a model that takes ``input_ids``: records its masks."""
+
+    def __init__(self, masks: _PatchMasks, index: int):
+        self.masks, self.index = masks, index
+
+    def __call__(self, _module, args, kwargs):
+        self.masks.enter_model(self.index, args, kwargs)
+
+
 class MaskedMoE(nn.Module):
     """What :func:`patch` puts in a block's place: the :class:`MoE` (as
     ``.moe``), called with the padding mask of the model's current forward
     (its ``attention_mask``, the last S columns when a KV cache makes it
     longer than the S new tokens), so padding is routed nowhere."""
 
-    def __init__(self, moe: MoE, mask_of_call: Callable[[], Optional[torch.Tensor]],
+    def __init__(self, moe: MoE, masks: _PatchMasks, mask_name: str = "attention_mask",
                  returns_tuple: bool = False):
         super().__init__()
         self.moe = moe
-        self._mask_of_call = mask_of_call
+        self._masks = masks
+        self.mask_name = mask_name
         self.returns_tuple = returns_tuple  # the replaced block returned (out, router_logits)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        mask = self._mask_of_call()
+        masks = self._masks.masks_of_this_run()
+        mask = masks.get(self.mask_name)
         if mask is not None and hidden_states.dim() == 3 and mask.dim() == 2 \
                 and mask.shape[0] == hidden_states.shape[0] \
                 and mask.shape[1] >= hidden_states.shape[1]:
@@ -221,6 +378,14 @@ class MaskedMoE(nn.Module):
         else:
             mask = None
         out = self.moe(hidden_states, mask)
+        if out.requires_grad and not torch.compiler.is_compiling() and not _in_backward():
+            # For a checkpointing re-run of this layer (see _PatchMasks); compiled
+            # code re-runs no Python in backward.
+            rerun_with_these = functools.partial(self._masks.set_rerun, masks)
+            out.register_hook(rerun_with_these)
+            aux = self.moe.aux_loss
+            if isinstance(aux, torch.Tensor) and aux.requires_grad:
+                aux.register_hook(rerun_with_these)
         return (out, None) if self.returns_tuple else out
 
 
@@ -231,44 +396,60 @@ class PatchHandle:
     def __init__(self, model: nn.Module):
         self.model = model
         self.blocks: List[Tuple[str, nn.Module, MaskedMoE]] = []
-        self._hook = None
+        self._hooks: list = []
 
-    def undo(self) -> None:
+    def undo(self, copy_weights: bool = False) -> None:
+        """Puts the original blocks back. Their weights are as they were
+        before :func:`patch` (training the patched model does not change
+        them) unless ``copy_weights``: then each replacement's weights are
+        written into its block first (:func:`to_hf`), so that a fine-tuned
+        model goes back to Hugging Face's layout, e.g. for ``save_pretrained``."""
+        if copy_weights:
+            for _, original, replacement in self.blocks:
+                to_hf(replacement.moe, original)
         for qualified, original, _ in self.blocks:
             parent, _, attr = qualified.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, attr, original)
-        if self._hook is not None:
-            self._hook.remove()
-        self.blocks, self._hook = [], None
+        for hook in self._hooks:
+            hook.remove()
+        self.blocks, self._hooks = [], []
 
 
 def patch(model: nn.Module, **overrides) -> PatchHandle:
     """Swaps every supported MoE block of ``model`` for a :class:`MoE` made by
     :func:`from_hf` (``overrides`` go to each), in place, and plumbs the
     model's ``attention_mask`` into routing: padding tokens are routed
-    nowhere and counted in no load or loss. The model keeps working with
-    ``generate()`` and a KV cache. Returns a :class:`PatchHandle`; its
-    ``undo()`` restores the original blocks (their own, untouched weights)."""
+    nowhere and counted in no load or loss. The mask may be passed by keyword
+    or position, to the top model or to its base model (``model.model``); a
+    layer that activation checkpointing re-runs in backward routes with the
+    mask of its own forward, even after later forwards. The model keeps
+    working with ``generate()`` and a KV cache, pickles and deep-copies.
+    Returns a :class:`PatchHandle`; its ``undo()`` restores the original
+    blocks (their own, untouched weights; ``undo(copy_weights=True)``
+    writes the patched model's weights into them). ``output_router_logits=True``
+    (Hugging Face's own balancing loss) is refused: use ``aux_loss_weight``."""
+    if getattr(getattr(model, "config", None), "output_router_logits", False):
+        raise ValueError(_ROUTER_LOGITS_ERROR + " This model's config sets it.")
     handle = PatchHandle(model)
-    current = {}
-
-    def remember_masks(_module, args, kwargs):
-        current["attention_mask"] = kwargs.get("attention_mask")
-        current["decoder_attention_mask"] = kwargs.get("decoder_attention_mask")
-
     # An encoder-decoder's decoder blocks take the decoder's mask.
     encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     targets = [(n, m) for n, m in model.named_modules() if type(m).__name__ in SUPPORTED]
+    # The models (forwards taking input_ids) that hold a block record their masks.
+    holders = [m for n, m in model.named_modules()
+               if any(n == "" or t.startswith(n + ".") for t, _ in targets)]
+    models = [(m, positions) for m in holders if (positions := _mask_positions(m))]
+    masks = _PatchMasks([positions for _, positions in models])
     for qualified, block in targets:
-        key = ("decoder_attention_mask" if encoder_decoder and "decoder" in qualified.split(".")
-               else "attention_mask")
-        replacement = MaskedMoE(from_hf(block, **overrides),
-                                lambda key=key: current.get(key),
+        name = ("decoder_attention_mask" if encoder_decoder and "decoder" in qualified.split(".")
+                else "attention_mask")
+        replacement = MaskedMoE(from_hf(block, **overrides), masks, name,
                                 type(block).__name__ in _RETURNS_TUPLE)
         parent, _, attr = qualified.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, replacement)
         handle.blocks.append((qualified, block, replacement))
-    handle._hook = model.register_forward_pre_hook(remember_masks, with_kwargs=True)
+    for index, (m, _) in enumerate(models):
+        hook = _ModelHook(masks, index)
+        handle._hooks.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     return handle
 
 

@@ -468,7 +468,8 @@ class MoE(nn.Module):
         else:
             out = self.experts(rows.view(E, rows_per_expert, tokens.shape[-1])).view(num_rows, tokens.shape[-1])
         y = ops.combine(out, p.slots, weights)
-        dropped = 1.0 - p.kept.sum() / p.load.sum().clamp_min(1)
+        # 0 when nothing was routed (an all-padding batch), not 1 - 0/0.
+        dropped = (p.load.sum() - p.kept.sum()) / p.load.sum().clamp_min(1)
         return y, p.load, p.kept, dropped
 
     @staticmethod

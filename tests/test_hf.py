@@ -139,15 +139,168 @@ def test_patch_keeps_logits_gradients_and_generate(family):
     torch.testing.assert_close(model(input_ids=ids).logits, out_hf.logits, rtol=0, atol=0)
 
 
-def test_patch_routes_padding_nowhere():
+def patched_mixtral_and_padded_batch(padding=3):
     model = tiny("mixtral")
     handle = mrhf.patch(model)
     ids = torch.randint(0, 64, (2, 7))
     mask = torch.ones_like(ids)
-    mask[1, :3] = 0
+    mask[1, :padding] = 0
+    return model, handle, ids, mask
+
+
+def test_patch_routes_padding_nowhere():
+    model, handle, ids, mask = patched_mixtral_and_padded_batch()
     model(input_ids=ids, attention_mask=mask)
     moe = handle.blocks[0][2].moe
     assert int(moe.stats["load"].sum()) == 2 * int(mask.sum())  # k = 2 per valid token
+    model(torch.randint(0, 64, (2, 7)))
+    model(ids, mask)  # the mask by position
+    assert int(moe.stats["load"].sum()) == 2 * int(mask.sum())
+    model.model(input_ids=ids, attention_mask=mask)  # the base model, called alone
+    assert int(moe.stats["load"].sum()) == 2 * int(mask.sum())
+    model.model(input_ids=ids)  # no mask now: every token is routed, none stale
+    assert int(moe.stats["load"].sum()) == 2 * ids.numel()
+
+
+def _two_microbatches():
+    torch.manual_seed(1)
+    batches = []
+    for pad in ((0, 5), (3, 0)):  # left padding per row, different in each
+        ids = torch.randint(1, 64, (2, 10))
+        mask = torch.ones_like(ids)
+        for row, n in enumerate(pad):
+            mask[row, :n] = 0
+        batches.append((ids, mask, ids.masked_fill(mask == 0, -100)))
+    return batches
+
+
+def _accumulated_grads(checkpointing, order, **overrides):
+    model = tiny("qwen3_moe")
+    mrhf.patch(model, aux_loss_weight=0.01, **overrides)
+    model.train()
+    if checkpointing:  # Hugging Face's own, non-reentrant (its default)
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # transformers before the rename
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+    losses = [model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+              + mr.aux_loss(model) for ids, mask, labels in _two_microbatches()]
+    if order == "sum":
+        (losses[0] + losses[1]).backward()
+    else:  # separate backwards, the later forward's first
+        losses[1].backward()
+        losses[0].backward()
+    return [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("order", ["sum", "reversed"])
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_patch_checkpointing_reruns_each_layer_with_its_own_mask(order, capacity_factor):
+    """Two micro-batches with different padding, then backward: Hugging
+    Face's gradient checkpointing re-runs every layer in backward, after the
+    second forward; each re-run must route with its own forward's mask, or
+    the gradients differ from those without checkpointing (they did, by about
+    1%, when the blocks read the latest mask)."""
+    expected = _accumulated_grads(False, order, capacity_factor=capacity_factor)
+    got = _accumulated_grads(True, order, capacity_factor=capacity_factor)
+    assert [n for n, _ in got] == [n for n, _ in expected]
+    for (name, g), (_, e) in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_patched_model_pickles_and_deep_copies_with_masks_of_its_own():
+    import io
+    model, handle, ids, mask = patched_mixtral_and_padded_batch(padding=4)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
+                               model(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+
+    twin = copy.deepcopy(model)
+    model(input_ids=ids, attention_mask=mask)
+    twin(input_ids=ids)  # the copy's forward must not replace the original's mask
+    original_block = handle.blocks[0][2]
+    assert original_block._masks is not dict(twin.named_modules())[handle.blocks[0][0]]._masks
+    assert original_block._masks.current["attention_mask"] is mask
+
+
+def test_patch_refuses_hugging_faces_router_logits_loss():
+    model = tiny("qwen3_moe")
+    model.config.output_router_logits = True
+    with pytest.raises(ValueError, match="moe_routing.hf.patch: output_router_logits=True"):
+        mrhf.patch(model)
+    model.config.output_router_logits = False
+    mrhf.patch(model)
+    ids = torch.randint(0, 64, (1, 5))
+    with pytest.raises(ValueError, match="pass aux_loss_weight"):
+        model(input_ids=ids, output_router_logits=True)
+
+
+def _perturb(moe):
+    """Stands in for fine-tuning: every weight (and a selection bias) moves."""
+    with torch.no_grad():
+        for parameter in moe.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+        if moe.router.fixed_bias is not None:
+            moe.router.fixed_bias.add_(torch.randn_like(moe.router.fixed_bias) * 0.05)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_undo_with_copy_weights_keeps_the_fine_tuned_function(family, tmp_path):
+    """A patched model, trained (weights moved), goes back to Hugging Face's
+    blocks with the trained weights: the same logits, and they survive
+    save_pretrained / from_pretrained into the unpatched class (before,
+    undo() restored the weights from before patching and save_pretrained
+    wrote names from_pretrained ignored)."""
+    model = tiny(family)
+    handle = mrhf.patch(model)
+    for _, _, replacement in handle.blocks:
+        _perturb(replacement.moe)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    handle.undo(copy_weights=True)
+    assert len(blocks(model)) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        model.save_pretrained(tmp_path)
+        reloaded = type(model).from_pretrained(tmp_path)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_to_hf_switch_and_its_errors():
+    model = tiny_switch(expert_capacity=64)
+    handle = mrhf.patch(model)
+    for _, _, replacement in handle.blocks:
+        _perturb(replacement.moe)
+    ids, labels = torch.randint(1, 64, (2, 9)), torch.randint(1, 64, (2, 5))
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=labels).logits
+    (_, block, replacement), (_, other_block, _) = handle.blocks
+    handle.undo(copy_weights=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, labels=labels).logits, expected,
+                                   rtol=1e-5, atol=1e-5)
+
+    wrong = tiny("mixtral").model.layers[0].mlp
+    before = wrong.gate.weight.clone()
+    with pytest.raises(ValueError, match=r"moe_routing.hf.to_hf: experts.w_in of the MoE is "
+                                         r"\(4, 16, 32\) in MixtralSparseMoeBlock's layout, "
+                                         r"which needs \(4, 96, 32\)"):
+        mrhf.to_hf(mr.MoE(32, 16, 4, 2), wrong)
+    assert torch.equal(wrong.gate.weight, before)  # nothing written
+    biased = mrhf.from_hf(wrong, bias_update_rate=1e-3)
+    mrhf.to_hf(biased, wrong)  # a zero bias fits any block
+    biased.router.bias.fill_(0.5)
+    with pytest.raises(ValueError, match="learned a balancing bias, which MixtralSparseMoeBlock "
+                                         "cannot hold"):
+        mrhf.to_hf(biased, wrong)
+    with pytest.raises(ValueError, match="moe_routing.hf.to_hf: unsupported block Linear"):
+        mrhf.to_hf(biased, torch.nn.Linear(2, 2))
 
 
 def test_from_hf_rejects_an_unsupported_block():

@@ -286,6 +286,16 @@ def test_dropless_moe_drops_nothing():
     assert int(moe.stats["load"].sum()) == 100
 
 
+@pytest.mark.parametrize("options", [dict(capacity_factor=None), dict(capacity_factor=1.0),
+                                     dict(routing="experts"), dict(routing="balanced")])
+def test_all_padding_batch_drops_nothing(options):
+    """No valid token: nothing was dropped (0, not the 1 of 1 - 0/0)."""
+    moe = mr.MoE(8, 16, 4, 1 if options.get("routing") == "balanced" else 2, **options)
+    moe(torch.randn(6, 8), torch.zeros(6, dtype=torch.bool))
+    assert moe.stats["dropped_fraction"].item() == 0.0
+    assert int(moe.stats["load"].sum()) == 0
+
+
 def test_expert_choice_moe_is_balanced_by_construction():
     moe = mr.MoE(8, 16, 4, 2, capacity_factor=1.0, routing="experts")
     x = torch.randn(64, 8)
