@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
 import warnings
 from typing import NamedTuple, Optional
 
@@ -21,6 +23,17 @@ def _in_backward() -> bool:
     if torch.compiler.is_compiling():
         return False  # compiled code re-runs no Python forward in backward
     return torch._C._current_graph_task_id() != -1
+
+
+def _warn(message: str) -> None:
+    """warnings.warn, attributed to the first caller outside this package and
+    torch (not to nn.Module's call machinery), so that the default filter
+    shows it once per place in the user's code."""
+    skip = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
 
 
 def _autocast_disabled(device_type: str):
@@ -186,9 +199,14 @@ class Router(nn.Module):
         if self.pending_load is None:
             self.pending_load = self._new_count(self.bias.device)
         load = self.pending_load.clone()
+        import torch.distributed as dist
         if group is not None:
-            import torch.distributed as dist
             dist.all_reduce(load, op=dist.ReduceOp.SUM, group=group)
+        elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            _warn(f"Router.update_bias: no process group on a run of {dist.get_world_size()} "
+                  "processes, so each rank moves its bias by its own load alone (and DDP's "
+                  "buffer broadcast then keeps rank 0's); pass group=dist.group.WORLD (or the "
+                  "data-parallel group) to sum the load over the ranks first.")
         self.pending_load.zero_()
         # No load counted: mean - load is 0 and the bias stays (no host sync).
         load = load.to(self.bias.device, torch.float32)
@@ -382,10 +400,9 @@ class MoE(nn.Module):
             # forward's aux_loss and statistics stay.
             return y.view(shape)
         if self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            warnings.warn(
-                "MoE: training-mode forward with gradients disabled: aux_loss has no gradient. "
-                "Under torch.utils.checkpoint(use_reentrant=True) the auxiliary losses are "
-                "silently lost; use use_reentrant=False.", stacklevel=2)
+            _warn("MoE: training-mode forward with gradients disabled: aux_loss has no gradient. "
+                  "Under torch.utils.checkpoint(use_reentrant=True) the auxiliary losses are "
+                  "silently lost; use use_reentrant=False.")
         self.aux_loss = aux
         self.stats = routing_stats(r.scores.detach(), load, kept, dropped, valid)
         self.stats["balance_loss"] = balance.detach()

@@ -192,14 +192,33 @@ def test_reentrant_checkpointing_warns_that_the_aux_loss_is_lost():
     torch.manual_seed(0)
     model = TinyLM(dict(k=2), layers=1, checkpointing="reentrant")
     ids = torch.randint(0, 32, (2, 8))
-    with pytest.warns(UserWarning, match="use_reentrant=False"):
+    with pytest.warns(UserWarning, match="use_reentrant=False") as caught:
         model(ids)
+    # Attributed to the caller (this file), not to torch's module or checkpoint code.
+    assert [w.filename for w in caught] == [__file__]
     assert not model.blocks[0].moe.aux_loss.requires_grad  # what the warning is about
     model.blocks[0].checkpointing = "non-reentrant"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(ids)
     assert model.blocks[0].moe.aux_loss.requires_grad
+
+
+def test_update_bias_without_a_group_on_several_processes_warns(monkeypatch):
+    """A multi-process run that forgets the group: each rank would move its
+    bias by its own load alone. Warned (world size faked; no collective runs)."""
+    import torch.distributed as dist
+    moe = mr.MoE(8, 16, 4, 2, bias_update_rate=1e-3)
+    moe(torch.randn(10, 8))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    with pytest.warns(UserWarning, match="no process group on a run of 2 processes") as caught:
+        mr.update_bias(moe)
+    assert [w.filename for w in caught] == [__file__]
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mr.update_bias(moe)
 
 
 def test_eval_under_no_grad_does_not_warn():
