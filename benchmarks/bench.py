@@ -389,7 +389,25 @@ def parse_only(text):
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown or not chosen:
         raise argparse.ArgumentTypeError(f"--only takes a comma-separated subset of {', '.join(SECTIONS)}")
-    return [s for s in SECTIONS if s in chosen]
+    return list(dict.fromkeys(chosen))  # in the order given: the first runs first
+
+
+def write_report(out, device, smoke, header, bench, cfg, elapsed, problems, summary, sections):
+    """The markdown result file: the machine and method lines, then the tables."""
+    with open(out, "w") as fh:
+        fh.write(f"# moe_routing benchmark ({device}{', smoke sizes' if smoke else ''})\n\n")
+        fh.write(f"- machine: {header}\n- date: {datetime.date.today()}\n")
+        fh.write(f"- timing: {bench.timer.describe()}; warm-up {cfg['warmup']}, {cfg['reps']} reps "
+                 f"({cfg['layer_reps']} for the layer section)\n")
+        fh.write(f"- elapsed: {'; '.join(elapsed)}\n")
+        fh.write("- ours: moe_routing ops; eager: benchmarks/baseline.py (fastest pure PyTorch we could "
+                 "write); compiled: the same under torch.compile; copy: clone of the bytes the op must move\n")
+        fh.write("- speed-up = baseline time / our time; % of copy bandwidth = copy time / our time\n")
+        fh.write("- fwd+bwd rows time forward and backward together\n")
+        fh.write(f"- allocator: {', '.join(f'{k}={v}' for k, v in MALLOC_ENV.items())} (see NOTES.md)\n")
+        if problems:
+            fh.write("\n**Problems in this run:**\n\n" + "".join(f"- {p}\n" for p in problems))
+        fh.write("\n" + ("\n".join(summary) + "\n\n" if summary else "") + "\n".join(sections))
 
 
 def main():
@@ -401,7 +419,7 @@ def main():
     parser.add_argument("--full", action="store_true", help="GPU: the long ops shape list (both dtypes, "
                         "decode-sized batches, capacity factor 1.0 too); not bound by the 6-minute target")
     parser.add_argument("--only", type=parse_only, default=list(SECTIONS),
-                        help=f"comma-separated sections to run: {', '.join(SECTIONS)} (default: all)")
+                        help=f"comma-separated sections to run, in the order given: {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--out", default=None, help="markdown file (default: benchmarks/results/<device>.md; "
                         "<device>-smoke.md with --smoke, <device>-<sections>.md with --only, "
@@ -421,8 +439,22 @@ def main():
     print(f"timing: {bench.timer.describe()}")
     if args.smoke:
         print(f"compile bookkeeping self-check: {self_check(bench.timer)}", flush=True)
+    if args.out:
+        out = args.out
+    else:
+        suffix = ("-smoke" if args.smoke else "") + ("-full" if args.full else "")
+        if args.only != list(SECTIONS):
+            suffix += "-" + "-".join(args.only)
+        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{device}{suffix}.md")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     t_run = time.perf_counter()
     sections, summary, problems, elapsed = [], [], [], []
+
+    def report(status):
+        """(Re)writes `out` with every table so far: a run stopped by a time
+        limit (the lent GPU's) still leaves the tables it finished."""
+        write_report(out, device, args.smoke, header, bench, cfg, elapsed + [status],
+                     bench.log.problems() + problems, summary, sections)
     for section in args.only:
         t0 = time.perf_counter()
         first = len(bench.log.records)
@@ -438,6 +470,7 @@ def main():
                                    "copy: the bytes floor, reading the logits and writing float32 scores "
                                    "(fwd+bwd: plus reading the scores and writing the logits' gradient)")
                 sections.append(table.markdown())
+                report(f"INCOMPLETE: {len(sections)} tables so far, {section} section running")
         elif section == "ops":
             for (T, H, E, k, F) in cfg["ops"]:
                 for dtype in cfg["ops_dtypes"]:
@@ -452,6 +485,7 @@ def main():
                                    f"(baseline-routed layer: {overhead[1]:.1f}%)")
                     table.notes += compile_notes(bench.log, mark, title)
                     sections.append(table.markdown())
+                    report(f"INCOMPLETE: {len(sections)} tables so far, {section} section running")
                     torch._dynamo.reset()
                     gc.collect()
                     if device == "cuda":
@@ -463,6 +497,7 @@ def main():
                                     cfg["warmup"] - 1, problems)
                 table.notes += compile_notes(bench.log, mark, table.title)
                 sections.append(table.markdown())
+                report(f"INCOMPLETE: {len(sections)} tables so far, {section} section running")
                 torch._dynamo.reset()  # drops the compiled code holding this shape's modules
                 gc.collect()
                 if device == "cuda":
@@ -475,29 +510,7 @@ def main():
     elapsed.append(f"total {total:.1f} s")
     print(f"elapsed: {'; '.join(elapsed)}")
     problems = bench.log.problems() + problems
-
-    if args.out:
-        out = args.out
-    else:
-        suffix = ("-smoke" if args.smoke else "") + ("-full" if args.full else "")
-        if args.only != list(SECTIONS):
-            suffix += "-" + "-".join(args.only)
-        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{device}{suffix}.md")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as fh:
-        fh.write(f"# moe_routing benchmark ({device}{', smoke sizes' if args.smoke else ''})\n\n")
-        fh.write(f"- machine: {header}\n- date: {datetime.date.today()}\n")
-        fh.write(f"- timing: {bench.timer.describe()}; warm-up {cfg['warmup']}, {cfg['reps']} reps "
-                 f"({cfg['layer_reps']} for the layer section)\n")
-        fh.write(f"- elapsed: {'; '.join(elapsed)}\n")
-        fh.write("- ours: moe_routing ops; eager: benchmarks/baseline.py (fastest pure PyTorch we could "
-                 "write); compiled: the same under torch.compile; copy: clone of the bytes the op must move\n")
-        fh.write("- speed-up = baseline time / our time; % of copy bandwidth = copy time / our time\n")
-        fh.write("- fwd+bwd rows time forward and backward together\n")
-        fh.write(f"- allocator: {', '.join(f'{k}={v}' for k, v in MALLOC_ENV.items())} (see NOTES.md)\n")
-        if problems:
-            fh.write("\n**Problems in this run:**\n\n" + "".join(f"- {p}\n" for p in problems))
-        fh.write("\n" + ("\n".join(summary) + "\n\n" if summary else "") + "\n".join(sections))
+    write_report(out, device, args.smoke, header, bench, cfg, elapsed, problems, summary, sections)
     print(f"wrote {out}")
     if problems:
         print("PROBLEMS:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -2,7 +2,7 @@
 (empty experts, dropped choices, padding, tails that are not a multiple of
 any tile or vector), for compute-sanitizer (memcheck, racecheck, synccheck):
 `compute-sanitizer --tool memcheck --error-exitcode 1 python tests/cuda_sanitize.py`.
-Not a pytest file: `.ci/gpu check` runs it; it checks nothing but that the
+Not a pytest file: `.ci/gpu` runs it; it checks nothing but that the
 kernels run to completion (the sanitizer checks the memory accesses).
 Both grouped_mm paths run: torch's CUTLASS grouped GEMM where it applies and
 the native kernels (MOE_ROUTING_GROUPED_MM=native)."""
