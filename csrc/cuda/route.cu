@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 
 #include "../moe_routing.h"
 #include "../sorting_network.h"
@@ -298,8 +299,9 @@ __global__ void __launch_bounds__(kThreads) route_backward_kernel(
   int idx = 0;
   acc_t gw = 0, w = 0, s_sel = 0;
   if (live && lane < k) {
-    idx = static_cast<int>(experts[t * k + lane]);
-    CUDA_KERNEL_ASSERT(idx >= 0 && idx < E && "moe_routing::route_backward: expert out of range");
+    const int64_t chosen = experts[t * k + lane];  // checked before narrowing: 2^32 + 1 is no 1
+    CUDA_KERNEL_ASSERT(chosen >= 0 && chosen < E && "moe_routing::route_backward: expert out of range");
+    idx = static_cast<int>(chosen);
     gw = grad_weights[t * k + lane];
     w = weights[t * k + lane];
     s_sel = scores[t * E + idx];
@@ -331,6 +333,17 @@ __global__ void __launch_bounds__(kThreads) route_backward_kernel(
     const int e = lane + width * i;
     if (live && e < E) grad_logits[t * E + e] = static_cast<scalar_t>(g[i]);
   }
+}
+
+// Blocks for T tokens, `width` lanes each. Both route kernels give each lane
+// group one token and no loop, so the grid must cover T whole: unlike
+// grid_for, no cap, and T past the grid's limit is an error.
+unsigned token_blocks(const char* op, int64_t T, int width) {
+  const int64_t tokens_per_block = kThreads / width, blocks = ceil_div(T, tokens_per_block);
+  constexpr int64_t max_blocks = std::numeric_limits<int32_t>::max();  // gridDim.x
+  TORCH_CHECK(blocks <= max_blocks, op, ": on CUDA T must be at most ", max_blocks * tokens_per_block,
+              " (", tokens_per_block, " tokens per block at this E), got ", T);
+  return static_cast<unsigned>(std::max<int64_t>(blocks, 1));
 }
 
 // Calls launch.template operator()<width, vpt>() for the smallest shape that
@@ -374,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_shape(op, E, [&]<int width, int vpt>() {
-      const unsigned blocks = grid_for(T, kThreads / width);
+      const unsigned blocks = token_blocks(op, T, width);
       route_kernel<scalar_t, acc_t, width, vpt><<<blocks, kThreads, 0, stream>>>(
           logits.const_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr,
           T, static_cast<int>(E), static_cast<int>(k), score == detail::Score::Sigmoid, norm,
@@ -411,7 +424,7 @@ at::Tensor route_backward_cuda(const at::Tensor& grad_weights,
     using acc_t = at::opmath_type<scalar_t>;
     with_shape(op, E, [&]<int width, int vpt>() {
       route_backward_kernel<scalar_t, acc_t, width, vpt>
-          <<<grid_for(T, kThreads / width), kThreads, 0, stream>>>(
+          <<<token_blocks(op, T, width), kThreads, 0, stream>>>(
               gw.const_data_ptr<acc_t>(), gs.defined() ? gs.const_data_ptr<acc_t>() : nullptr,
               w.const_data_ptr<acc_t>(),
               ex.const_data_ptr<int64_t>(), sc.const_data_ptr<acc_t>(), T, static_cast<int>(E),
