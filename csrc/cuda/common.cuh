@@ -76,6 +76,12 @@ bool rows_vectorisable(int64_t H, std::initializer_list<const void*> pointers) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Whether index i lies in [0, end). Kernels assert it (with the op's message)
+// and then also skip an index that fails it, so that a build with the device
+// asserts compiled out (TORCH_DISABLE_GPU_ASSERTS) never reads or writes out
+// of bounds.
+__device__ __forceinline__ bool in_range(int64_t i, int64_t end) { return i >= 0 && i < end; }
+
 // Grid size for n independent items of `per_block` each, capped so that
 // grid-stride loops cover the rest.
 inline unsigned grid_for(int64_t n, int64_t per_block) {

@@ -26,7 +26,8 @@ __global__ void owners_kernel(const int64_t* __restrict__ slots, int64_t n, int6
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = slots[i];
     if (r == -1) continue;
-    CUDA_KERNEL_ASSERT(r >= 0 && r < num_rows && "moe_routing: slots out of range [-1, num_rows)");
+    CUDA_KERNEL_ASSERT(in_range(r, num_rows) && "moe_routing: slots out of range [-1, num_rows)");
+    if (!in_range(r, num_rows)) continue;
     const unsigned long long previous = atomicCAS(reinterpret_cast<unsigned long long*>(&owners[r]),
                                                   static_cast<unsigned long long>(-1ll),
                                                   static_cast<unsigned long long>(i));
@@ -86,7 +87,8 @@ __global__ void gather_sum_kernel(const scalar_t* __restrict__ rows, int64_t num
       for (int j = 0; j < k; ++j) {
         const int64_t r = slots[t * k + j];
         if (r == -1) continue;
-        CUDA_KERNEL_ASSERT(r >= 0 && r < num_rows && "moe_routing: slots out of range [-1, num_rows)");
+        CUDA_KERNEL_ASSERT(in_range(r, num_rows) && "moe_routing: slots out of range [-1, num_rows)");
+        if (!in_range(r, num_rows)) continue;
         const acc_t w = weights ? static_cast<acc_t>(weights[t * k + j]) : acc_t(1);
         const Chunk chunk = reinterpret_cast<const Chunk*>(rows + r * H)[c];
         const scalar_t* values = reinterpret_cast<const scalar_t*>(&chunk);

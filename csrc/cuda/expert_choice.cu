@@ -55,8 +55,9 @@ __global__ void expert_choice_backward_kernel(const scalar_t* __restrict__ g,
     const int64_t* row = sorted + e * C;
     const int64_t t = row[p];
     if (t == -1) continue;
-    CUDA_KERNEL_ASSERT(t >= 0 && t < T &&
+    CUDA_KERNEL_ASSERT(in_range(t, T) &&
                        "moe_routing::expert_choice_backward: tokens out of range [-1, num_tokens)");
+    if (!in_range(t, T)) continue;
     if (p > 0 && row[p - 1] == t) continue;
     scalar_t acc = 0;
     for (int64_t q = p; q < C && row[q] == t; ++q) acc += g[e * C + perm[e * C + q]];

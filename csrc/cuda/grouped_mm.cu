@@ -25,8 +25,9 @@
 #include "../moe_routing.h"
 #include "common.cuh"
 
-// From torch 2.9: torch 2.8's CUTLASS setup may still require every group's
-// row count to be a multiple of 16 bytes, which packed expert rows are not.
+// From torch 2.9: an older torch may carry a CUTLASS before 4.0, whose grouped
+// GEMM could hang on a group of zero rows along the contraction dimension (an
+// expert with no tokens, in the weight gradient's product).
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
 #define MOE_ROUTING_HAS_GROUPED_MM 1
 #include <ATen/ops/_grouped_mm.h>

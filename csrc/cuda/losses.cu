@@ -24,7 +24,8 @@ __global__ void count_kernel(const int64_t* __restrict__ experts, const bool* __
     atomicAdd(&valid[s], 1ull);
     for (int j = 0; j < k; ++j) {
       const int64_t e = experts[t * k + j];
-      CUDA_KERNEL_ASSERT(e >= 0 && e < E && "moe_routing::load_balancing_loss: expert out of range");
+      CUDA_KERNEL_ASSERT(in_range(e, E) && "moe_routing::load_balancing_loss: expert out of range");
+      if (!in_range(e, E)) continue;
       atomicAdd(&counts[s * E + e], 1ull);
     }
   }

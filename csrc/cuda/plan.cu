@@ -54,7 +54,8 @@ __global__ void count_kernel(Walk w, int E, int phases, int64_t* __restrict__ co
       assignment(w, begin, p, i, &t, &j);
       if (w.mask && !w.mask[t]) continue;
       const int64_t e = w.experts[t * w.k + j];
-      CUDA_KERNEL_ASSERT(e >= 0 && e < E && "moe_routing::plan: expert index out of range");
+      CUDA_KERNEL_ASSERT(in_range(e, E) && "moe_routing::plan: expert index out of range");
+      if (!in_range(e, E)) continue;
       atomicAdd(reinterpret_cast<unsigned long long*>(&counts[(tile * phases + p) * E + e]), 1ull);
     }
   }
@@ -104,7 +105,8 @@ __global__ void assign_kernel(Walk w, int E, int phases, int64_t capacity,
     bool valid = i < n;
     if (valid) {
       assignment(w, begin, p, i, &t, &j);
-      valid = !w.mask || w.mask[t];
+      // An out-of-range expert was asserted on in count_kernel; skipped here too.
+      valid = (!w.mask || w.mask[t]) && in_range(w.experts[t * w.k + j], E);
     }
     const int64_t e = valid ? w.experts[t * w.k + j] : -1 - lane;  // invalid lanes match no one
     const unsigned peers = __match_any_sync(0xffffffffu, e);
@@ -204,6 +206,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plan_cuda(
   const c10::cuda::CUDAGuard guard(experts_in.device());
   const at::Tensor experts = experts_in.contiguous();
   const int64_t T = experts.size(0), k = experts.size(1), E = num_experts;
+  TORCH_CHECK(E <= std::numeric_limits<int32_t>::max(), "moe_routing::plan: on CUDA num_experts must be < 2^31, got ",
+              E);  // the kernels index experts with int
   const auto long_opts = experts.options();
   if (experts.numel() == 0) {  // no assignment (T = 0 or k = 0, T maybe huge): nothing to walk
     return {at::full({T, k}, -1, long_opts), at::zeros({E}, long_opts), at::zeros({E}, long_opts)};

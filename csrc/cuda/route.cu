@@ -296,15 +296,17 @@ __global__ void __launch_bounds__(kThreads) route_backward_kernel(
     g[i] = (in && grad_scores) ? grad_scores[t * E + e] : acc_t(0);
   }
   // weights_j = factor * s[idx_j]; lane j < k owns choice j.
-  int idx = 0;
+  int idx = -1;  // matches no expert: lanes past k, and a skipped choice
   acc_t gw = 0, w = 0, s_sel = 0;
   if (live && lane < k) {
     const int64_t chosen = experts[t * k + lane];  // checked before narrowing: 2^32 + 1 is no 1
-    CUDA_KERNEL_ASSERT(chosen >= 0 && chosen < E && "moe_routing::route_backward: expert out of range");
-    idx = static_cast<int>(chosen);
-    gw = grad_weights[t * k + lane];
-    w = weights[t * k + lane];
-    s_sel = scores[t * E + idx];
+    CUDA_KERNEL_ASSERT(in_range(chosen, E) && "moe_routing::route_backward: expert out of range");
+    if (in_range(chosen, E)) {  // else (asserts compiled out) the choice adds nothing
+      idx = static_cast<int>(chosen);
+      gw = grad_weights[t * k + lane];
+      w = weights[t * k + lane];
+      s_sel = scores[t * E + idx];
+    }
   }
   const acc_t selected_sum = group_sum<width>(s_sel);
   const acc_t grad_dot_w = group_sum<width>(gw * w);
