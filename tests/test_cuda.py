@@ -85,6 +85,31 @@ def test_dispatch_combine(dtype):
             assert_same(*both(torch.ops.moe_routing.dispatch_backward, out, slots), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_combine_backward_bits_do_not_depend_on_alignment(dtype):
+    """The same values at a 16-byte aligned address (vector loads) and one
+    element further on (element loads) give bitwise-equal gradients: each
+    thread sums the same elements in the same order either way."""
+    T, E, k, H = 300, 16, 2, 1024
+    slots = mr.plan(random_experts(T, E, k, seed=3), E, None).slots.cuda()
+    w = torch.rand(T, k, device="cuda")
+
+    def at_offset(values, offset):  # values stored `offset` elements into a fresh buffer
+        buffer = torch.empty(values.numel() + offset, dtype=dtype, device="cuda")
+        view = buffer[offset:].view(values.shape)
+        view.copy_(values)
+        return view
+
+    gy = torch.randn(T, H, device="cuda").to(dtype)
+    out = torch.randn(T * k, H, device="cuda").to(dtype)
+    inputs = {offset: (at_offset(gy, offset), at_offset(out, offset)) for offset in (0, 1)}
+    assert inputs[0][0].data_ptr() % 16 == 0 and inputs[1][0].data_ptr() % 16 != 0
+    aligned = torch.ops.moe_routing.combine_backward(*inputs[0], slots, w)
+    shifted = torch.ops.moe_routing.combine_backward(*inputs[1], slots, w)
+    assert torch.equal(aligned[0], shifted[0])
+    assert torch.equal(aligned[1], shifted[1])
+
+
 def test_losses_expert_choice_grouped_mm():
     for i, (T, E, k) in enumerate(SHAPES):
         logits = torch.randn(T, E)

@@ -105,6 +105,10 @@ __global__ void gather_sum_kernel(const scalar_t* __restrict__ rows, int64_t num
 }
 
 // One block per token: grad_rows[slot] = w * gy[t], grad_w[t, j] = <gy[t], rows[slot]>.
+// Thread i sums the elements of 16-byte groups i, i + blockDim.x, ... in
+// order, whether it reads a group as one vector (V = L, aligned rows) or
+// element by element (V = 1): the dot's rounding depends on H and the values
+// alone, not on where the rows lie in memory.
 template <typename scalar_t, typename weight_t, int V>
 __global__ void combine_backward_kernel(const scalar_t* __restrict__ gy,
                                         const scalar_t* __restrict__ rows,
@@ -113,9 +117,10 @@ __global__ void combine_backward_kernel(const scalar_t* __restrict__ gy,
                                         int64_t H, scalar_t* __restrict__ grad_rows,
                                         weight_t* __restrict__ grad_weights) {
   using acc_t = at::opmath_type<scalar_t>;
-  using Chunk = std::conditional_t<V == 1, scalar_t, Vec16<scalar_t>>;
+  constexpr int L = Vec16<scalar_t>::size;
+  static_assert(V == 1 || V == L, "V is a whole 16-byte group or one element");
   __shared__ acc_t scratch[kWarp];
-  const int64_t chunks = H / V;
+  const int64_t groups = (H + L - 1) / L;
   for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
     for (int j = 0; j < k; ++j) {
       const int64_t r = slots[t * k + j];  // block-uniform
@@ -125,19 +130,29 @@ __global__ void combine_backward_kernel(const scalar_t* __restrict__ gy,
       }
       const acc_t w = static_cast<acc_t>(weights[t * k + j]);
       acc_t dot = 0;
-      for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
-        const Chunk g = reinterpret_cast<const Chunk*>(gy + t * H)[c];
-        const Chunk x = reinterpret_cast<const Chunk*>(rows + r * H)[c];
-        const scalar_t* gv = reinterpret_cast<const scalar_t*>(&g);
-        const scalar_t* xv = reinterpret_cast<const scalar_t*>(&x);
-        Chunk scaled;
-        scalar_t* sv = reinterpret_cast<scalar_t*>(&scaled);
+      for (int64_t c = threadIdx.x; c < groups; c += blockDim.x) {
+        if constexpr (V == L) {
+          using Chunk = Vec16<scalar_t>;
+          const Chunk g = reinterpret_cast<const Chunk*>(gy + t * H)[c];
+          const Chunk x = reinterpret_cast<const Chunk*>(rows + r * H)[c];
+          const scalar_t* gv = reinterpret_cast<const scalar_t*>(&g);
+          const scalar_t* xv = reinterpret_cast<const scalar_t*>(&x);
+          Chunk scaled;
+          scalar_t* sv = reinterpret_cast<scalar_t*>(&scaled);
 #pragma unroll
-        for (int v = 0; v < V; ++v) {
-          dot += static_cast<acc_t>(gv[v]) * static_cast<acc_t>(xv[v]);
-          sv[v] = static_cast<scalar_t>(w * static_cast<acc_t>(gv[v]));
+          for (int v = 0; v < L; ++v) {
+            dot += static_cast<acc_t>(gv[v]) * static_cast<acc_t>(xv[v]);
+            sv[v] = static_cast<scalar_t>(w * static_cast<acc_t>(gv[v]));
+          }
+          reinterpret_cast<Chunk*>(grad_rows + r * H)[c] = scaled;
+        } else {
+          const int64_t end = c * L + L < H ? c * L + L : H;
+          for (int64_t h = c * L; h < end; ++h) {
+            const acc_t g = static_cast<acc_t>(gy[t * H + h]);
+            dot += g * static_cast<acc_t>(rows[r * H + h]);
+            grad_rows[r * H + h] = static_cast<scalar_t>(w * g);
+          }
         }
-        reinterpret_cast<Chunk*>(grad_rows + r * H)[c] = scaled;
       }
       dot = block_sum(dot, scratch);
       if (threadIdx.x == 0) grad_weights[t * k + j] = static_cast<weight_t>(dot);
