@@ -5,6 +5,7 @@ Each test here failed on the layer as it was before the training-loop fixes
 (compile graph breaks at capacity, the bias update inside forward, aux_loss
 holding the graph on the module, bfloat16 router logits under autocast)."""
 import copy
+import linecache
 import os
 import pickle
 import warnings
@@ -388,10 +389,16 @@ def test_readme_training_loop_snippets_run():
     torch._dynamo.reset()
     counters.clear()
     try:
-        for code in blocks:
+        for number, code in enumerate(blocks, 1):
             if '"cuda"' in code and not torch.cuda.is_available():
                 continue
-            exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+            # A name of its own, with the snippet's lines in linecache: Dynamo
+            # (torch 2.6) reads a frame's source lines by file name, and under
+            # the name "README.md" it read the README's own first lines, whose
+            # unfinished statement failed to tokenize.
+            name = f"<README.md, training-loop snippet {number}>"
+            linecache.cache[name] = (len(code), None, code.splitlines(True), name)
+            exec(compile(code, name, "exec"), namespace)  # noqa: S102
         if saved is not None:
             assert getattr(torch._dynamo.config, flag), "the Compile snippet no longer sets " + flag
             assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
