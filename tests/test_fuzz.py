@@ -15,8 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 
 # Hypothesis caches what it learns under .hypothesis/ in the working
-# directory: keep the checkout clean (the examples are derandomised anyway).
-set_hypothesis_home_dir(tempfile.mkdtemp(prefix="moe_routing_hypothesis_"))
+# directory: keep the checkout clean (the examples are derandomised anyway),
+# in a directory removed when the test process ends.
+_HYPOTHESIS_HOME = tempfile.TemporaryDirectory(prefix="moe_routing_hypothesis_")
+set_hypothesis_home_dir(_HYPOTHESIS_HOME.name)
 
 import moe_routing as mr
 from moe_routing import reference as ref
