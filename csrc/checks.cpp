@@ -124,7 +124,11 @@ void check_plan_args(const at::Tensor& experts, int64_t num_experts,
   constexpr const char* op = "moe_routing::plan";
   check_dim(op, "experts", experts, 2, "[T, k]");
   check_dtype(op, "experts", experts, at::kLong);
-  TORCH_CHECK(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
+  // At most 2^31 - 1 experts on every device: the CUDA kernels index experts
+  // with int, and a larger count only fails later in an allocation whose
+  // message names neither the op nor the argument.
+  TORCH_CHECK(num_experts >= 1 && num_experts <= std::numeric_limits<int32_t>::max(), op,
+              ": num_experts must be in [1, 2^31 - 1], got ", num_experts);
   if (capacity.has_value()) {
     TORCH_CHECK(*capacity >= 0, op,
                 ": capacity must be >= 0 (or None for dropless), got ", *capacity);

@@ -81,16 +81,40 @@ class Router(nn.Module):
     rank applies the same update.
     ``fixed_bias`` [E] (e.g. DeepSeek-V3's checkpoint-loaded
     ``e_score_correction_bias``) is a buffer added to the selection bias that
-    never updates.    """
+    never updates; ``bias=`` is the same argument under the name
+    :func:`route` uses (the updated ``bias`` buffer above starts at zero).
+    Both bias buffers stay float32 when the module is cast
+    (``model.to(torch.bfloat16)``, ``.half()``): in bfloat16 a step of 1e-3
+    on a bias near 0.5 would round away.
+    Group-limited selection's options (``num_groups``, ``topk_groups``,
+    ``group_score``) are checked here, at construction, as :func:`route`
+    would check them at the first forward."""
 
     def __init__(self, d_model: int, num_experts: int, k: int = 1, *, score: str = "softmax",
                  normalize: Optional[bool] = None, num_groups: int = 1, topk_groups: int = 1,
                  scale: float = 1.0, jitter: float = 0.0, noise: Optional[str] = None,
                  bias_update_rate: float = 0.0, dtype: torch.dtype = torch.float32,
-                 fixed_bias: Optional[torch.Tensor] = None, group_score: str = "top2"):
+                 fixed_bias: Optional[torch.Tensor] = None, group_score: str = "top2",
+                 bias: Optional[torch.Tensor] = None):
         super().__init__()
+        if bias is not None:
+            if fixed_bias is not None:
+                raise ValueError("Router: pass the fixed selection bias as bias= or fixed_bias=, "
+                                 "not both")
+            fixed_bias = bias
         if not 1 <= k <= num_experts:
             raise ValueError(f"Router: k must be in [1, num_experts={num_experts}], got {k}")
+        if num_groups < 1 or num_experts % num_groups != 0:
+            raise ValueError(f"Router: num_groups must be >= 1 and divide "
+                             f"num_experts={num_experts}, got {num_groups}")
+        if not 1 <= topk_groups <= num_groups:
+            raise ValueError(f"Router: topk_groups must be in [1, num_groups={num_groups}], "
+                             f"got {topk_groups}")
+        if k > num_experts // num_groups * topk_groups:
+            raise ValueError(f"Router: k={k} exceeds the {num_experts // num_groups * topk_groups} "
+                             f"experts of the topk_groups={topk_groups} selected groups")
+        if group_score not in ("top2", "max"):
+            raise ValueError(f"Router: group_score must be 'top2' or 'max', got {group_score!r}")
         if score not in ("softmax", "sigmoid"):
             raise ValueError(f"Router: score must be 'softmax' or 'sigmoid', got {score!r}")
         if noise not in (None, "gaussian", "learned"):
@@ -165,7 +189,16 @@ class Router(nn.Module):
         return count
 
     def _apply(self, fn, *args, **kwargs):
+        float32_buffers = {name: self._buffers[name] for name in ("bias", "fixed_bias")
+                           if self._buffers.get(name) is not None}
         super()._apply(fn, *args, **kwargs)
+        # A dtype cast (module.to(bfloat16), .half(), .double()) leaves the
+        # selection biases float32, cast from their values before it, on the
+        # device fn chose.
+        for name, before in float32_buffers.items():
+            after = self._buffers[name]
+            if after.dtype != torch.float32:
+                self._buffers[name] = before.to(after.device)
         # nn.Module moves parameters and buffers, not this plain attribute:
         # follow them to fn's device, keeping the counts (none from meta;
         # never fn's values, which to_empty() would leave uninitialised).
@@ -282,8 +315,10 @@ class MoE(nn.Module):
         run on the packed [T*k, d_model] layout with :func:`grouped_mm`.
       * ``routing="experts"``: Expert Choice (Zhou et al. 2022): each expert
         takes its top-C tokens by router score (softmax unless
-        ``score="sigmoid"``), C = capacity(T, E, k,
-        capacity_factor, min_capacity); no load-balancing loss is needed (the
+        ``score="sigmoid"``), C = ceil(capacity_factor * T * k / E), at least
+        1 and at most T, as in the paper (``min_capacity``, a floor for
+        token choice's drops, does not apply: it would let each expert take
+        more than its share of a small batch); no load-balancing loss is needed (the
         z-loss still applies); ``load``/``kept`` count each expert's tokens and
         ``dropped_fraction`` is the share of valid tokens no expert took.
     ``shared_hidden``: a shared expert, a dense FFN of that width (same
@@ -509,7 +544,7 @@ class MoE(nn.Module):
 
     def _expert_choice(self, tokens, scores, factor, valid):
         T, E, H = tokens.shape[0], self.num_experts, tokens.shape[-1]
-        C = ops.capacity(T, E, self.k, factor, self.min_capacity)
+        C = ops.capacity(T, E, self.k, factor, min_capacity=1)
         choice = ops.expert_choice(scores, C, mask=valid)
         slots, weights = ops.expert_choice_slots(choice, T)
         buffer = ops.dispatch(tokens, slots, E * C).view(E, C, H)

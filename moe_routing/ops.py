@@ -219,7 +219,10 @@ def combine(expert_out: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
     token whose choices were all dropped gets zeros (the caller's residual
     carries it). ``expert_out`` is [num_rows, H] or [E, C, H]; the result is
     [T, H] in its dtype. Differentiable in ``expert_out`` and ``weights``
-    (once: differentiating the gradient again raises).
+    (once: differentiating the gradient again raises). The forward reads any
+    slots; the backward needs them unique, as :func:`plan` makes them (it
+    writes each row's gradient once, from the one choice that owns the row),
+    and raises on a row that two choices share.
     """
     return _ops.combine(expert_out, slots, weights)
 

@@ -54,7 +54,9 @@ CASES = [
     # plan
     ("plan", "shape", lambda d: mr.plan(experts(d).float(), E, 2), r"plan: experts must be Long"),
     ("plan", "shape", lambda d: mr.plan(experts(d)[:, 0], E, 2), r"plan: experts must be 2-D \[T, k\]"),
-    ("plan", "shape", lambda d: mr.plan(experts(d), 0, 2), r"plan: num_experts must be >= 1, got 0"),
+    ("plan", "shape", lambda d: mr.plan(experts(d), 0, 2), r"plan: num_experts must be in \[1, 2\^31 - 1\], got 0"),
+    ("plan", "shape", lambda d: mr.plan(experts(d), 2**31, 1), r"plan: num_experts must be in \[1, 2\^31 - 1\], got 2147483648"),
+    ("plan", "shape", lambda d: mr.plan(experts(d), 2**62, 1), r"plan: num_experts must be in \[1, 2\^31 - 1\]"),
     ("plan", "shape", lambda d: mr.plan(experts(d), E, -1), r"plan: capacity must be >= 0"),
     ("plan", "value", lambda d: mr.plan(experts(d), 3, 2),
      r"plan: experts\[\d, \d\] = 3 is out of range \[0, num_experts=3\)"),
@@ -204,7 +206,10 @@ def test_meta_kernels_check_like_cpu():
 
 @pytest.mark.parametrize("bad", [
     dict(k=0), dict(k=9), dict(score="relu"), dict(noise="uniform"), dict(jitter=1.5),
-    dict(bias_update_rate=-1.0),
+    dict(bias_update_rate=-1.0), dict(num_groups=3), dict(num_groups=0),
+    dict(num_groups=4, topk_groups=0), dict(num_groups=4, topk_groups=5),
+    dict(k=3, num_groups=4, topk_groups=1), dict(group_score="top3"),
+    dict(fixed_bias=torch.zeros(7)), dict(bias=torch.zeros(8), fixed_bias=torch.zeros(8)),
 ])
 def test_router_rejects_bad_options(bad):
     options = dict(d_model=8, num_experts=8, k=2)

@@ -185,6 +185,39 @@ def test_bias_update_moves_toward_underloaded_experts():
     assert torch.equal(router.bias, before)  # eval forwards count no load
 
 
+@pytest.mark.parametrize("name", ["bias", "fixed_bias"])
+def test_fixed_bias_selects_never_weighs_and_never_updates(name):
+    """Router(bias=...) and Router(fixed_bias=...) are one argument: a
+    checkpoint-loaded selection bias, kept in the fixed_bias buffer."""
+    b = torch.tensor([0.0, 0.0, 0.0, 10.0])
+    router = mr.Router(4, 4, 1, bias_update_rate=0.1, **{name: b})
+    x = torch.randn(32, 4)
+    out = router(x)
+    assert torch.equal(out.experts, torch.full((32, 1), 3))  # +10 wins every token
+    torch.testing.assert_close(out.weights[:, 0], out.scores[:, 3])  # unbiased weights
+    router.update_bias()
+    assert torch.equal(router.fixed_bias, b)
+    assert router.bias[3] == -0.1  # the updated bias moves, the fixed one does not
+    assert torch.equal(router.state_dict()["fixed_bias"], b)
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(),
+                                  lambda m: m.double()])
+def test_bias_buffers_stay_float32_when_the_module_is_cast(cast):
+    """A step of 1e-3 on a bias near 0.5 rounds away in bfloat16 (its spacing
+    there is 2^-9): both bias buffers keep float32 and their values."""
+    moe = mr.MoE(8, 16, 4, 1, bias_update_rate=1e-3, fixed_bias=torch.full((4,), 0.3))
+    with torch.no_grad():
+        moe.router.bias.fill_(0.5)
+    moe = cast(moe)
+    assert moe.router.bias.dtype == moe.router.fixed_bias.dtype == torch.float32
+    assert torch.equal(moe.router.fixed_bias, torch.full((4,), 0.3))
+    moe.router.pending_load.copy_(torch.tensor([9, 1, 1, 1]))  # mean 3
+    moe.update_bias()
+    expected = torch.tensor([0.5, 0.5, 0.5, 0.5]) + torch.tensor([-1e-3, 1e-3, 1e-3, 1e-3])
+    assert torch.equal(moe.router.bias, expected)
+
+
 def test_bias_update_sums_the_micro_batches_since_the_last_call():
     router = mr.Router(4, 4, 1, bias_update_rate=0.5)
     first = router(torch.randn(5, 4)).experts
@@ -303,6 +336,20 @@ def test_expert_choice_moe_is_balanced_by_construction():
     C = mr.capacity(64, 4, 2, 1.0)
     assert moe.stats["kept"].tolist() == [C] * 4
     assert moe.stats["max_over_mean_load"].item() == 1.0
+
+
+@pytest.mark.parametrize("T,E,k,factor,C", [
+    (8, 8, 1, 1.25, 2),    # 1.25 tokens per expert, rounded up; no min_capacity of 4
+    (10, 4, 2, 1.0, 5),
+    (6, 4, 1, 0.1, 1),     # at least one token per expert
+    (4, 2, 2, 2.0, 4),     # at most T: 8 places for 4 tokens
+])
+def test_expert_choice_capacity_is_the_papers(T, E, k, factor, C):
+    """routing="experts": C = ceil(capacity_factor * T * k / E) within [1, T],
+    worked by hand; every expert fills its C places when T >= C."""
+    moe = mr.MoE(8, 16, E, k, capacity_factor=factor, routing="experts")
+    moe(torch.randn(T, 8))
+    assert moe.stats["kept"].tolist() == [C] * E
 
 
 def test_aux_loss_sums_over_layers():
