@@ -63,7 +63,7 @@ README). Mixtral's ``router_jitter_noise`` (0 by default) is not carried over.
 from __future__ import annotations
 
 import functools
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -277,7 +277,11 @@ def to_hf(moe: MoE, block: nn.Module) -> nn.Module:
 # auxiliary loss): backward reaches one of them before it needs the saved
 # tensors whose absence makes checkpointing re-run the layer (nothing the
 # layer computed after them needs saved tensors), and the hook makes that
-# forward's masks the re-run's.
+# forward's masks the re-run's. That needs a forward with gradients:
+# reentrant checkpointing runs the first forward without them, so a layer's
+# Hugging Face checkpointing function (``_gradient_checkpointing_func``, set by
+# ``gradient_checkpointing_enable``) is wrapped as well, to pin the masks
+# current at its call for the forward and for every re-run of it.
 _MASK_NAMES = ("attention_mask", "decoder_attention_mask")
 
 
@@ -304,16 +308,20 @@ class _PatchMasks:
     (``rerun``). Hooks hold it, not closures, so a patched model pickles and
     deep-copies (the copy gets its own masks)."""
 
-    def __init__(self, positions: List[dict]):
+    def __init__(self, positions: List[dict], checkpointing: Sequence[nn.Module] = ()):
         self.positions = positions  # per hooked model: {mask name: positional index}
+        # Modules that may checkpoint a patched block through their
+        # _gradient_checkpointing_func (see _MaskPinningCheckpoint).
+        self.checkpointing = list(checkpointing)
         self.current: dict = {}
         self.rerun: Optional[dict] = None
+        self.pinned: List[dict] = []  # by _MaskPinningCheckpoint, innermost last
 
-    def __getstate__(self):
-        return {"positions": self.positions}  # masks in flight are not copied
+    def __getstate__(self):  # masks in flight are not copied
+        return {"positions": self.positions, "checkpointing": self.checkpointing}
 
     def __setstate__(self, state):
-        self.__init__(state["positions"])
+        self.__init__(state["positions"], state.get("checkpointing", ()))
 
     def enter_model(self, index: int, args, kwargs):
         if kwargs.get("output_router_logits"):
@@ -327,14 +335,55 @@ class _PatchMasks:
             else:
                 current[name] = None
         self.current = current
+        if not torch.compiler.is_compiling():  # compiled backward re-runs no Python
+            self.wrap_checkpointing()
+
+    def wrap_checkpointing(self) -> None:
+        """Wraps each checkpointing function set since the last forward
+        (``gradient_checkpointing_enable`` may come after ``patch``)."""
+        for module in self.checkpointing:
+            function = module.__dict__.get("_gradient_checkpointing_func")
+            if function is not None and not isinstance(function, _MaskPinningCheckpoint):
+                module._gradient_checkpointing_func = _MaskPinningCheckpoint(function, self)
+
+    def unwrap_checkpointing(self) -> None:
+        for module in self.checkpointing:
+            function = module.__dict__.get("_gradient_checkpointing_func")
+            if isinstance(function, _MaskPinningCheckpoint):
+                module._gradient_checkpointing_func = function.inner
+
+    def run_pinned(self, masks: dict, function, *args, **kwargs):
+        self.pinned.append(masks)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            self.pinned.pop()
 
     def masks_of_this_run(self) -> dict:
+        if self.pinned:
+            return self.pinned[-1]
         if _in_backward() and self.rerun is not None:
             return self.rerun
         return self.current
 
     def set_rerun(self, masks: dict, _grad):
         self.rerun = masks  # returns None: the gradient is left as it is
+
+
+class _MaskPinningCheckpoint:
+    """A layer's Hugging Face checkpointing function, calling the checkpointed
+    function with the masks current at this call pinned, so that its forward
+    and each re-run of it in backward (reentrant or not, after any number of
+    later forwards) route with them."""
+
+    def __init__(self, inner, masks: _PatchMasks):
+        self.inner, self.masks = inner, masks
+
+    def __call__(self, function, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return self.inner(function, *args, **kwargs)
+        pinned = functools.partial(self.masks.run_pinned, self.masks.current, function)
+        return self.inner(pinned, *args, **kwargs)
 
 
 _ROUTER_LOGITS_ERROR = (
@@ -412,6 +461,8 @@ class PatchHandle:
             setattr(self.model.get_submodule(parent) if parent else self.model, attr, original)
         for hook in self._hooks:
             hook.remove()
+        if self.blocks:
+            self.blocks[0][2]._masks.unwrap_checkpointing()
         self.blocks, self._hooks = [], []
 
 
@@ -421,8 +472,9 @@ def patch(model: nn.Module, **overrides) -> PatchHandle:
     model's ``attention_mask`` into routing: padding tokens are routed
     nowhere and counted in no load or loss. The mask may be passed by keyword
     or position, to the top model or to its base model (``model.model``); a
-    layer that activation checkpointing re-runs in backward routes with the
-    mask of its own forward, even after later forwards. The model keeps
+    layer that activation checkpointing (reentrant or not) re-runs in
+    backward routes with the mask of its own forward, even after later
+    forwards. The model keeps
     working with ``generate()`` and a KV cache, pickles and deep-copies.
     Returns a :class:`PatchHandle`; its ``undo()`` restores the original
     blocks (their own, untouched weights; ``undo(copy_weights=True)``
@@ -438,7 +490,12 @@ def patch(model: nn.Module, **overrides) -> PatchHandle:
     holders = [m for n, m in model.named_modules()
                if any(n == "" or t.startswith(n + ".") for t, _ in targets)]
     models = [(m, positions) for m in holders if (positions := _mask_positions(m))]
-    masks = _PatchMasks([positions for _, positions in models])
+    # Hugging Face checkpoints through a layer's (or, before transformers 4.50,
+    # a model's) _gradient_checkpointing_func, on modules with this flag.
+    checkpointing = [m for n, m in model.named_modules()
+                     if hasattr(m, "gradient_checkpointing")
+                     and any(n == "" or t.startswith(n + ".") for t, _ in targets)]
+    masks = _PatchMasks([positions for _, positions in models], checkpointing)
     for qualified, block in targets:
         name = ("decoder_attention_mask" if encoder_decoder and "decoder" in qualified.split(".")
                 else "attention_mask")

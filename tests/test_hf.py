@@ -2,6 +2,7 @@
 tiny random models built from configs (no download), float32, Hugging Face's
 default experts implementation (grouped_mm, which has no float64)."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -174,19 +175,28 @@ def _two_microbatches():
     return batches
 
 
+def _enable_checkpointing(model, reentrant):
+    kwargs = {"use_reentrant": reentrant}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers before the rename
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _accumulated_grads(checkpointing, order, **overrides):
+    """checkpointing: None, "non-reentrant" (Hugging Face's default) or
+    "reentrant", enabled after patch() as a user would."""
     model = tiny("qwen3_moe")
-    mrhf.patch(model, aux_loss_weight=0.01, **overrides)
+    mrhf.patch(model, **overrides)
     model.train()
-    if checkpointing:  # Hugging Face's own, non-reentrant (its default)
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:  # transformers before the rename
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
-    losses = [model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
-              + mr.aux_loss(model) for ids, mask, labels in _two_microbatches()]
+    if checkpointing:
+        _enable_checkpointing(model, reentrant=checkpointing == "reentrant")
+    with warnings.catch_warnings():
+        # Reentrant: "training-mode forward with gradients disabled" (no aux loss there).
+        warnings.simplefilter("ignore", UserWarning)
+        losses = [model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+                  + mr.aux_loss(model) for ids, mask, labels in _two_microbatches()]
     if order == "sum":
         (losses[0] + losses[1]).backward()
     else:  # separate backwards, the later forward's first
@@ -197,17 +207,46 @@ def _accumulated_grads(checkpointing, order, **overrides):
 
 @pytest.mark.parametrize("order", ["sum", "reversed"])
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
-def test_patch_checkpointing_reruns_each_layer_with_its_own_mask(order, capacity_factor):
+@pytest.mark.parametrize("checkpointing", ["non-reentrant", "reentrant"])
+def test_patch_checkpointing_reruns_each_layer_with_its_own_mask(order, capacity_factor,
+                                                                 checkpointing):
     """Two micro-batches with different padding, then backward: Hugging
     Face's gradient checkpointing re-runs every layer in backward, after the
     second forward; each re-run must route with its own forward's mask, or
     the gradients differ from those without checkpointing (they did, by about
-    1%, when the blocks read the latest mask)."""
-    expected = _accumulated_grads(False, order, capacity_factor=capacity_factor)
-    got = _accumulated_grads(True, order, capacity_factor=capacity_factor)
+    1%, when the blocks read the latest mask; reentrant checkpointing did,
+    by 3e-2, until the checkpointing function pinned the masks). Reentrant
+    checkpointing's first forward has no gradients, so its auxiliary losses
+    carry none (the layer warns): compared without them."""
+    weights = (dict(aux_loss_weight=0.01) if checkpointing == "non-reentrant"
+               else dict(aux_loss_weight=0.0, z_loss_weight=0.0))
+    expected = _accumulated_grads(None, order, capacity_factor=capacity_factor, **weights)
+    got = _accumulated_grads(checkpointing, order, capacity_factor=capacity_factor, **weights)
     assert [n for n, _ in got] == [n for n, _ in expected]
     for (name, g), (_, e) in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_undo_restores_the_checkpointing_functions_and_copies_keep_theirs():
+    model = tiny("qwen3_moe")
+    handle = mrhf.patch(model)
+    model.train()
+    _enable_checkpointing(model, reentrant=True)
+    layers = [m for m in model.modules() if "_gradient_checkpointing_func" in m.__dict__]
+    originals = [m._gradient_checkpointing_func for m in layers]
+    ids = torch.randint(1, 64, (2, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model(input_ids=ids, labels=ids).loss.backward()
+        twin = copy.deepcopy(model)  # its wrappers pin its own masks
+        twin(input_ids=ids, labels=ids).loss.backward()
+    assert all(type(m._gradient_checkpointing_func).__name__ == "_MaskPinningCheckpoint"
+               for m in layers)
+    twin_wrappers = [m._gradient_checkpointing_func for m in twin.modules()
+                     if "_gradient_checkpointing_func" in m.__dict__]
+    assert {id(w.masks) for w in twin_wrappers} == {id(twin.model.layers[0].mlp._masks)}
+    handle.undo()
+    assert [m._gradient_checkpointing_func for m in layers] == originals
 
 
 def test_patched_model_pickles_and_deep_copies_with_masks_of_its_own():
