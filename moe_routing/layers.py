@@ -518,7 +518,9 @@ class MoE(nn.Module):
         elif C is None:  # dropless: the packed layout and grouped matrix products
             out = self.experts.forward_packed(rows, p.kept)
         else:
-            out = self.experts(rows.view(E, rows_per_expert, tokens.shape[-1])).view(num_rows, tokens.shape[-1])
+            # combine takes the [E, C, H] result as it is: viewing it back to
+            # [E*C, H] made torch.export guard on C != 1 for a dynamic T.
+            out = self.experts(rows.view(E, rows_per_expert, tokens.shape[-1]))
         y = ops.combine(out, p.slots, weights)
         # 0 when nothing was routed (an all-padding batch), not 1 - 0/0.
         dropped = (p.load.sum() - p.kept.sum()) / p.load.sum().clamp_min(1)
@@ -548,7 +550,7 @@ class MoE(nn.Module):
         choice = ops.expert_choice(scores, C, mask=valid)
         slots, weights = ops.expert_choice_slots(choice, T)
         buffer = ops.dispatch(tokens, slots, E * C).view(E, C, H)
-        y = ops.combine(self.experts(buffer).view(E * C, H), slots, weights)
+        y = ops.combine(self.experts(buffer), slots, weights)  # [E, C, H] as it is (see _token_choice)
         kept = (choice.tokens >= 0).sum(1)
         taken = (slots >= 0).any(1)
         valid = torch.ones_like(taken) if valid is None else valid

@@ -314,6 +314,26 @@ def test_export_of_an_eval_moe_has_no_losses_or_stats():
     torch.testing.assert_close(exported.module()(x), moe(x))
 
 
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 7),
+                    reason="torch < 2.7: torch.compiler.is_exporting() is False under strict export")
+@pytest.mark.parametrize("options", [dict(), dict(capacity_factor=None), dict(routing="experts"),
+                                     dict(expert_capacity=3)],
+                         ids=["capacity", "dropless", "expert-choice", "expert-capacity"])
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_with_a_dynamic_sequence_length(options, strict):
+    """A serving export, [B, S, d_model] with S dynamic, runs at other
+    lengths like eager (the capacity layers failed: viewing the [E, C, H]
+    expert output back to [E*C, H] made export guard on C != 1)."""
+    torch.manual_seed(0)
+    moe = mr.MoE(D, F_HIDDEN, E, 2, **options).eval()
+    S = torch.export.Dim("S", min=2, max=64)
+    exported = torch.export.export(moe, (torch.randn(2, 8, D),), dynamic_shapes=({1: S},),
+                                   strict=strict)
+    for length in (2, 5, 13, 64):
+        x = torch.randn(2, length, D)
+        torch.testing.assert_close(exported.module()(x), moe(x), rtol=0, atol=0)
+
+
 def test_wrong_feature_size_names_d_model():
     moe = mr.MoE(D, F_HIDDEN, E, 2)
     with pytest.raises(ValueError, match=r"MoE: x must have d_model=8 features"):
