@@ -97,7 +97,11 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
     """A :class:`MoE` that computes what ``block`` computes, with its weights
     copied (not shared) and on its device and dtype. ``overrides`` go to the
     MoE constructor (e.g. ``capacity_factor=1.25`` to train with drops,
-    ``aux_loss_weight=0.01``)."""
+    ``aux_loss_weight=0.01``). One deliberate difference: the router's
+    logits are float32 (float64 in a float64 model) where Hugging Face's
+    are in the model's dtype, so in a bfloat16 or float16 model a token
+    whose top scores nearly tie may pick another expert than the original
+    block (selective precision; in float32 the two pick the same)."""
     name = type(block).__name__
     if name == "SwitchTransformersSparseMLP":
         return _from_switch(block, **overrides)

@@ -397,6 +397,8 @@ class MoE(nn.Module):
         self.scale_inputs, self.renormalize_after_drop = scale_inputs, renormalize_after_drop
         if expert_capacity is not None and expert_capacity < 0:
             raise ValueError(f"MoE: expert_capacity must be >= 0, got {expert_capacity}")
+        if min_capacity < 0:
+            raise ValueError(f"MoE: min_capacity must be >= 0, got {min_capacity}")
         self.capacity_per_row, self.expert_capacity = capacity_per_row, expert_capacity
         if shared_gate and shared_hidden is None:
             raise ValueError("MoE: shared_gate needs a shared expert (shared_hidden)")

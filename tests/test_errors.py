@@ -227,3 +227,5 @@ def test_moe_rejects_bad_options():
         mr.MoE(8, 16, 4, activation="tanh")
     with pytest.raises(ValueError, match="MoE: capacity factors must be > 0"):
         mr.MoE(8, 16, 4, capacity_factor=0.0)
+    with pytest.raises(ValueError, match="MoE: min_capacity must be >= 0, got -1"):
+        mr.MoE(8, 16, 4, min_capacity=-1)
