@@ -63,7 +63,7 @@ README). Mixtral's ``router_jitter_noise`` (0 by default) is not carried over.
 from __future__ import annotations
 
 import functools
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -98,10 +98,11 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
     copied (not shared) and on its device and dtype. ``overrides`` go to the
     MoE constructor (e.g. ``capacity_factor=1.25`` to train with drops,
     ``aux_loss_weight=0.01``). One deliberate difference: the router's
-    logits are float32 (float64 in a float64 model) where Hugging Face's
-    are in the model's dtype, so in a bfloat16 or float16 model a token
-    whose top scores nearly tie may pick another expert than the original
-    block (selective precision; in float32 the two pick the same)."""
+    logits are float32 (float64 in a float64 model) where most Hugging Face
+    blocks compute them in the model's dtype (DeepSeek-V3's keeps float32),
+    so in a bfloat16 or float16 model a token whose top scores nearly tie
+    may pick another expert than the original block (selective precision;
+    in float32 the two pick the same)."""
     name = type(block).__name__
     if name == "SwitchTransformersSparseMLP":
         return _from_switch(block, **overrides)
@@ -285,7 +286,7 @@ def to_hf(moe: MoE, block: nn.Module) -> nn.Module:
 # reentrant checkpointing runs the first forward without them, so a layer's
 # Hugging Face checkpointing function (``_gradient_checkpointing_func``, set by
 # ``gradient_checkpointing_enable``) is wrapped as well, to pin the masks
-# current at its call for the forward and for every re-run of it.
+# of this run for the forward and for every re-run of it.
 _MASK_NAMES = ("attention_mask", "decoder_attention_mask")
 
 
@@ -307,25 +308,23 @@ def _mask_positions(module: nn.Module) -> dict:
 
 
 class _PatchMasks:
-    """The masks of the current forward (``current``) and, while backward
-    re-runs a checkpointed layer, those of the layer's own forward
+    """The masks of the current forward (``current``), those pinned by a
+    checkpointing function for the layer it runs (``pinned``) and, while
+    backward re-runs a checkpointed layer, those of the layer's own forward
     (``rerun``). Hooks hold it, not closures, so a patched model pickles and
     deep-copies (the copy gets its own masks)."""
 
-    def __init__(self, positions: List[dict], checkpointing: Sequence[nn.Module] = ()):
+    def __init__(self, positions: List[dict]):
         self.positions = positions  # per hooked model: {mask name: positional index}
-        # Modules that may checkpoint a patched block through their
-        # _gradient_checkpointing_func (see _MaskPinningCheckpoint).
-        self.checkpointing = list(checkpointing)
         self.current: dict = {}
         self.rerun: Optional[dict] = None
         self.pinned: List[dict] = []  # by _MaskPinningCheckpoint, innermost last
 
-    def __getstate__(self):  # masks in flight are not copied
-        return {"positions": self.positions, "checkpointing": self.checkpointing}
+    def __getstate__(self):
+        return {"positions": self.positions}  # masks in flight are not copied
 
     def __setstate__(self, state):
-        self.__init__(state["positions"], state.get("checkpointing", ()))
+        self.__init__(state["positions"])
 
     def enter_model(self, index: int, args, kwargs):
         if kwargs.get("output_router_logits"):
@@ -339,22 +338,6 @@ class _PatchMasks:
             else:
                 current[name] = None
         self.current = current
-        if not torch.compiler.is_compiling():  # compiled backward re-runs no Python
-            self.wrap_checkpointing()
-
-    def wrap_checkpointing(self) -> None:
-        """Wraps each checkpointing function set since the last forward
-        (``gradient_checkpointing_enable`` may come after ``patch``)."""
-        for module in self.checkpointing:
-            function = module.__dict__.get("_gradient_checkpointing_func")
-            if function is not None and not isinstance(function, _MaskPinningCheckpoint):
-                module._gradient_checkpointing_func = _MaskPinningCheckpoint(function, self)
-
-    def unwrap_checkpointing(self) -> None:
-        for module in self.checkpointing:
-            function = module.__dict__.get("_gradient_checkpointing_func")
-            if isinstance(function, _MaskPinningCheckpoint):
-                module._gradient_checkpointing_func = function.inner
 
     def run_pinned(self, masks: dict, function, *args, **kwargs):
         self.pinned.append(masks)
@@ -374,20 +357,55 @@ class _PatchMasks:
         self.rerun = masks  # returns None: the gradient is left as it is
 
 
+def _wrap_checkpointing(model: nn.Module, masks: Optional[_PatchMasks]) -> None:
+    """Wraps (or, with masks None, unwraps) every Hugging Face checkpointing
+    function (``_gradient_checkpointing_func``) in ``model``."""
+    for module in model.modules():
+        function = module.__dict__.get("_gradient_checkpointing_func")
+        if isinstance(function, _MaskPinningCheckpoint):
+            function = module._gradient_checkpointing_func = function.inner
+        if function is not None and masks is not None:
+            module._gradient_checkpointing_func = _MaskPinningCheckpoint(function, masks)
+
+
 class _MaskPinningCheckpoint:
     """A layer's Hugging Face checkpointing function, calling the checkpointed
-    function with the masks current at this call pinned, so that its forward
-    and each re-run of it in backward (reentrant or not, after any number of
-    later forwards) route with them."""
+    function with the masks of this run pinned, so that its forward and each
+    re-run of it in backward (reentrant or not, after any number of later
+    forwards, inside an outer checkpoint too) route with them. Compiled
+    non-reentrant checkpointing re-runs no Python (the graph holds the
+    masks); reentrant checkpointing runs eagerly even under torch.compile,
+    so it is pinned in a frame Dynamo leaves alone."""
 
     def __init__(self, inner, masks: _PatchMasks):
         self.inner, self.masks = inner, masks
+        keywords = getattr(inner, "keywords", None) or {}
+        self.reentrant = keywords.get("use_reentrant", True) is not False
 
     def __call__(self, function, *args, **kwargs):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and not self.reentrant:
             return self.inner(function, *args, **kwargs)
-        pinned = functools.partial(self.masks.run_pinned, self.masks.current, function)
+        return self._pinned_call(function, *args, **kwargs)
+
+    @torch._dynamo.disable(recursive=False)
+    def _pinned_call(self, function, *args, **kwargs):
+        pinned = functools.partial(self.masks.run_pinned, self.masks.masks_of_this_run(), function)
         return self.inner(pinned, *args, **kwargs)
+
+
+class _PinningEnabler:
+    """Stands in for a patched model's ``_set_gradient_checkpointing`` (what
+    ``gradient_checkpointing_enable`` calls to hand each layer its
+    checkpointing function), wrapping the functions it sets: checkpointing
+    enabled after :func:`patch` pins masks too, also when the model is
+    compiled before its first eager forward."""
+
+    def __init__(self, model: nn.Module, masks: _PatchMasks):
+        self.model, self.masks = model, masks
+
+    def __call__(self, enable: bool = True, **kwargs):
+        type(self.model)._set_gradient_checkpointing(self.model, enable=enable, **kwargs)
+        _wrap_checkpointing(self.model, self.masks)
 
 
 _ROUTER_LOGITS_ERROR = (
@@ -465,8 +483,10 @@ class PatchHandle:
             setattr(self.model.get_submodule(parent) if parent else self.model, attr, original)
         for hook in self._hooks:
             hook.remove()
-        if self.blocks:
-            self.blocks[0][2]._masks.unwrap_checkpointing()
+        _wrap_checkpointing(self.model, None)
+        for module in self.model.modules():
+            if isinstance(module.__dict__.get("_set_gradient_checkpointing"), _PinningEnabler):
+                del module._set_gradient_checkpointing
         self.blocks, self._hooks = [], []
 
 
@@ -494,12 +514,7 @@ def patch(model: nn.Module, **overrides) -> PatchHandle:
     holders = [m for n, m in model.named_modules()
                if any(n == "" or t.startswith(n + ".") for t, _ in targets)]
     models = [(m, positions) for m in holders if (positions := _mask_positions(m))]
-    # Hugging Face checkpoints through a layer's (or, before transformers 4.50,
-    # a model's) _gradient_checkpointing_func, on modules with this flag.
-    checkpointing = [m for n, m in model.named_modules()
-                     if hasattr(m, "gradient_checkpointing")
-                     and any(n == "" or t.startswith(n + ".") for t, _ in targets)]
-    masks = _PatchMasks([positions for _, positions in models], checkpointing)
+    masks = _PatchMasks([positions for _, positions in models])
     for qualified, block in targets:
         name = ("decoder_attention_mask" if encoder_decoder and "decoder" in qualified.split(".")
                 else "attention_mask")
@@ -511,6 +526,12 @@ def patch(model: nn.Module, **overrides) -> PatchHandle:
     for index, (m, _) in enumerate(models):
         hook = _ModelHook(masks, index)
         handle._hooks.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+    # Checkpointing enabled before patch() is wrapped now, later through the
+    # models' _set_gradient_checkpointing.
+    _wrap_checkpointing(model, masks)
+    for m in holders:
+        if callable(getattr(type(m), "_set_gradient_checkpointing", None)):
+            m._set_gradient_checkpointing = _PinningEnabler(m, masks)
     return handle
 
 

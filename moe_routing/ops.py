@@ -145,6 +145,10 @@ def plan(
         raise ValueError(f"moe_routing::plan: group_size must be >= 1 and divide T={T}, "
                          f"got {group_size}")
     groups = T // group_size
+    if isinstance(groups, int) and num_experts * groups > 2**31 - 1:  # the op's own limit
+        raise ValueError(f"moe_routing::plan: num_experts * (T / group_size) must be at most "
+                         f"2^31 - 1 (each group plans experts of its own), got num_experts="
+                         f"{num_experts} and {groups} groups")
     group_of_token = torch.arange(T, device=experts.device) // group_size
     grouped = experts * groups + group_of_token[:, None]
     slots, load, kept = _ops.plan(grouped, num_experts * groups, capacity, weights=weights,

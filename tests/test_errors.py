@@ -197,6 +197,14 @@ def test_device_mismatch_is_reported(device):
         mr.route(torch.randn(T, E, device=other), 1, bias=torch.zeros(E, device=device))
 
 
+def test_grouped_plan_names_the_experts_and_groups_it_was_given():
+    """plan with group_size plans num_experts * groups sub-experts: a count
+    past the op's limit names the caller's two numbers, not their product."""
+    with pytest.raises(ValueError, match=r"plan: num_experts \* \(T / group_size\) must be at most "
+                                         r"2\^31 - 1 .* num_experts=1073741824 and 6 groups"):
+        mr.plan(experts(), 2**30, 1, group_size=1)
+
+
 def test_meta_kernels_check_like_cpu():
     with pytest.raises(RuntimeError, match=r"route: k must be in \[1, E=4\], got 7"):
         mr.route(torch.randn(T, E, device="meta"), 7)
