@@ -254,7 +254,10 @@ class Experts(nn.Module):
     """E independent feed-forward networks run as batched matrix products on
     the [E, C, d_model] buffer. No biases (as in Switch, Mixtral, DeepSeek), so
     the zero rows of unfilled capacity stay zero. ``activation``: "gelu",
-    "relu" or "swiglu" (silu(x W_gate) * (x W_up))."""
+    "relu" or "swiglu" (silu(x W_gate) * (x W_up)). Weights: ``w_in``
+    [E, d_model, d_hidden] and ``w_out`` [E, d_hidden, d_model]; with
+    "swiglu" ``w_in`` is [E, d_model, 2 * d_hidden], W_gate's columns first,
+    then W_up's."""
 
     def __init__(self, num_experts: int, d_model: int, d_hidden: int, activation: str = "gelu"):
         super().__init__()
