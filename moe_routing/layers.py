@@ -331,10 +331,15 @@ class MoE(nn.Module):
     outputs are ignored anyway).
     ``routing="balanced"``: BASE layers (Lewis et al. 2021), k = 1: in
     training every expert takes exactly its share of the valid tokens
-    (:func:`balanced_assignment` on the router logits) and a token's output is
-    ``sigmoid(logit of its expert) * expert(x)``; no balancing loss; in eval
-    each token takes its best expert (greedy, as BASE does at test time)
-    under the eval capacity. The router's score defaults to "sigmoid".
+    (:func:`balanced_assignment` on the router logits, its default 64
+    auction rounds: tokens the auction has not placed by then take the
+    remaining places in token order, so the balance is exact while the
+    total score may fall short of the optimum) and a token's output is
+    ``weight * expert(x)``, the router's weight for that expert
+    (``sigmoid(logit)`` with the default score and scale); no balancing
+    loss; in eval each token takes its best expert (greedy, as BASE does at
+    test time) under the eval capacity, weighted the same way. The router's
+    score defaults to "sigmoid".
     ``scale_inputs=True`` (Llama 4): expert e runs on ``x * w_e`` and its
     output is added unweighted, instead of ``w_e * expert_e(x)``.
     ``capacity_per_row=True`` (Switch, GShard): the capacity applies per
@@ -400,6 +405,11 @@ class MoE(nn.Module):
         self.scale_inputs, self.renormalize_after_drop = scale_inputs, renormalize_after_drop
         if expert_capacity is not None and expert_capacity < 0:
             raise ValueError(f"MoE: expert_capacity must be >= 0, got {expert_capacity}")
+        if expert_capacity is not None and (routing != "tokens" or capacity_factor is None):
+            # Balanced routing sizes its buffers to each expert's share, and
+            # dropless has no capacity: a fixed one would drop tokens there.
+            raise ValueError("MoE: expert_capacity sets a token-choice layer's capacity: it "
+                             "needs routing='tokens' and a capacity_factor (not None)")
         if min_capacity < 0:
             raise ValueError(f"MoE: min_capacity must be >= 0, got {min_capacity}")
         self.capacity_per_row, self.expert_capacity = capacity_per_row, expert_capacity
@@ -545,7 +555,9 @@ class MoE(nn.Module):
         the valid tokens (balanced_assignment on the router logits), and each
         token's output is sigmoid(its expert's logit) * expert(x)."""
         experts = ops.balanced_assignment(r.logits, mask=valid).clamp_min(0)[:, None]
-        weights = torch.sigmoid(r.logits.gather(1, experts))
+        # The router's own weight for that expert (its score times scale;
+        # sigmoid(logit) by default), as eval's greedy routing weighs it.
+        weights = r.scores.gather(1, experts) * self.router.scale
         # Capacity ceil(T / E) (or min_capacity) holds each expert's share.
         return self._token_choice(tokens, r._replace(weights=weights, experts=experts), 1.0, valid)
 

@@ -113,3 +113,23 @@ def test_balanced_moe_trains_every_expert_equally_and_eval_is_greedy():
     moe(x)
     greedy = torch.bincount(logits.argmax(1), minlength=4)
     assert torch.equal(moe.stats["load"], greedy)
+
+
+@pytest.mark.parametrize("options", [dict(scale=2.0), dict(score="softmax")])
+def test_balanced_moe_weighs_a_token_alike_in_training_and_eval(options):
+    """A token that keeps its expert in eval gets the same output: the
+    router's weight for it (score times scale), not a sigmoid fixed in
+    training (scale=2 gave half the eval output; softmax a sigmoid)."""
+    torch.manual_seed(0)
+    moe = mr.MoE(8, 16, 4, routing="balanced", **options)
+    x = torch.randn(4, 8)
+    with torch.no_grad():  # token t prefers expert t, so both routings agree
+        moe.router.weight.copy_(torch.eye(4, 8) * 3)
+        x[:, :4] += torch.eye(4) * 3
+    trained = moe(x)
+    moe.eval()
+    torch.testing.assert_close(trained, moe(x), rtol=0, atol=0)
+    scores = (torch.sigmoid if moe.router.score == "sigmoid" else
+              lambda v: torch.softmax(v, -1))(torch.nn.functional.linear(x, moe.router.weight))
+    assert not torch.allclose(scores.diagonal() * moe.router.scale,
+                              torch.sigmoid(torch.nn.functional.linear(x, moe.router.weight)).diagonal())

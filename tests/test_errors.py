@@ -237,3 +237,6 @@ def test_moe_rejects_bad_options():
         mr.MoE(8, 16, 4, capacity_factor=0.0)
     with pytest.raises(ValueError, match="MoE: min_capacity must be >= 0, got -1"):
         mr.MoE(8, 16, 4, min_capacity=-1)
+    for options in (dict(routing="balanced"), dict(routing="experts"), dict(capacity_factor=None)):
+        with pytest.raises(ValueError, match="MoE: expert_capacity sets a token-choice layer's"):
+            mr.MoE(8, 16, 4, expert_capacity=2, **options)
