@@ -555,9 +555,13 @@ class MoE(nn.Module):
         the valid tokens (balanced_assignment on the router logits), and each
         token's output is sigmoid(its expert's logit) * expert(x)."""
         experts = ops.balanced_assignment(r.logits, mask=valid).clamp_min(0)[:, None]
-        # The router's own weight for that expert (its score times scale;
-        # sigmoid(logit) by default), as eval's greedy routing weighs it.
-        weights = r.scores.gather(1, experts) * self.router.scale
+        # The router's own weight for that expert, as route() gives eval's
+        # greedy choice: its score (sigmoid(logit) by default), normalised
+        # over the one choice if the router normalises, times scale.
+        weights = r.scores.gather(1, experts)
+        if self.router.normalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights * self.router.scale
         # Capacity ceil(T / E) (or min_capacity) holds each expert's share.
         return self._token_choice(tokens, r._replace(weights=weights, experts=experts), 1.0, valid)
 

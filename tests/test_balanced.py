@@ -115,7 +115,8 @@ def test_balanced_moe_trains_every_expert_equally_and_eval_is_greedy():
     assert torch.equal(moe.stats["load"], greedy)
 
 
-@pytest.mark.parametrize("options", [dict(scale=2.0), dict(score="softmax")])
+@pytest.mark.parametrize("options", [dict(scale=2.0), dict(score="softmax"),
+                                     dict(normalize=True, scale=0.5)])
 def test_balanced_moe_weighs_a_token_alike_in_training_and_eval(options):
     """A token that keeps its expert in eval gets the same output: the
     router's weight for it (score times scale), not a sigmoid fixed in
