@@ -87,8 +87,8 @@ class Router(nn.Module):
     (``model.to(torch.bfloat16)``, ``.half()``): in bfloat16 a step of 1e-3
     on a bias near 0.5 would round away.
     Group-limited selection's options (``num_groups``, ``topk_groups``,
-    ``group_score``) are checked here, at construction, as :func:`route`
-    would check them at the first forward."""
+    ``group_score``) are checked at construction, by :func:`route`'s own
+    checks on an empty meta tensor, instead of at the first forward."""
 
     def __init__(self, d_model: int, num_experts: int, k: int = 1, *, score: str = "softmax",
                  normalize: Optional[bool] = None, num_groups: int = 1, topk_groups: int = 1,
@@ -104,17 +104,11 @@ class Router(nn.Module):
             fixed_bias = bias
         if not 1 <= k <= num_experts:
             raise ValueError(f"Router: k must be in [1, num_experts={num_experts}], got {k}")
-        if num_groups < 1 or num_experts % num_groups != 0:
-            raise ValueError(f"Router: num_groups must be >= 1 and divide "
-                             f"num_experts={num_experts}, got {num_groups}")
-        if not 1 <= topk_groups <= num_groups:
-            raise ValueError(f"Router: topk_groups must be in [1, num_groups={num_groups}], "
-                             f"got {topk_groups}")
-        if k > num_experts // num_groups * topk_groups:
-            raise ValueError(f"Router: k={k} exceeds the {num_experts // num_groups * topk_groups} "
-                             f"experts of the topk_groups={topk_groups} selected groups")
-        if group_score not in ("top2", "max"):
-            raise ValueError(f"Router: group_score must be 'top2' or 'max', got {group_score!r}")
+        try:  # route's own checks of the group options, on no data
+            ops.route(torch.empty(0, num_experts, device="meta"), k, num_groups=num_groups,
+                      topk_groups=topk_groups, group_score=group_score)
+        except RuntimeError as error:
+            raise ValueError(f"Router: {error}") from None
         if score not in ("softmax", "sigmoid"):
             raise ValueError(f"Router: score must be 'softmax' or 'sigmoid', got {score!r}")
         if noise not in (None, "gaussian", "learned"):
@@ -553,7 +547,7 @@ class MoE(nn.Module):
     def _balanced(self, tokens, r: RouterOutput, valid):
         """BASE layers in training: every expert takes exactly its share of
         the valid tokens (balanced_assignment on the router logits), and each
-        token's output is sigmoid(its expert's logit) * expert(x)."""
+        token's output is the router's weight for its expert times expert(x)."""
         experts = ops.balanced_assignment(r.logits, mask=valid).clamp_min(0)[:, None]
         # The router's own weight for that expert, as route() gives eval's
         # greedy choice: its score (sigmoid(logit) by default), normalised
