@@ -11,23 +11,41 @@ model in place.
     mrhf.to_hf(moe, block)                          # one MoE's weights into its block
 
 transformers is an optional dependency: this module imports nothing from it.
-Supported blocks (transformers 5.x layout: a ``gate`` router with ``weight``
-[E, H] and ``top_k``, ``experts`` with ``gate_up_proj`` [E, 2F, H] and
-``down_proj`` [E, H, F], SiLU gating):
+Supported blocks (transformers 5.x layout: a router with ``weight`` [E, H]
+and ``top_k``, ``experts`` with ``gate_up_proj`` [E, 2F, H] and
+``down_proj`` [E, H, F], SiLU gating; the table ``_FAMILIES`` below says
+where each class keeps its router and selection bias):
 
 ============================  ==========================================================
 block                         what is carried over
 ============================  ==========================================================
-MixtralSparseMoeBlock         softmax top-k, weights renormalised
-Qwen3MoeSparseMoeBlock        softmax top-k, ``norm_topk_prob``
-OlmoeSparseMoeBlock           softmax top-k, ``norm_topk_prob``
-Qwen2MoeSparseMoeBlock        softmax top-k, ``norm_topk_prob``, sigmoid-gated shared expert
-DeepseekV3MoE                 sigmoid scores, ``e_score_correction_bias`` as ``fixed_bias``,
-                              group-limited selection (``n_group``, ``topk_group``),
+MixtralSparseMoeBlock,        softmax top-k, weights renormalised
+MiniMaxSparseMoeBlock,
+Qwen3_5MoeSparseMoeBlock,
+HunYuanMoEV1Moe               (HunYuan: router ``gate.wg``, shared MLP ``shared_mlp``)
+Qwen3MoeSparseMoeBlock,       softmax top-k, ``norm_topk_prob``
+OlmoeSparseMoeBlock,
+FlexOlmoSparseMoeBlock
+Qwen2MoeSparseMoeBlock,       softmax top-k, ``norm_topk_prob``, sigmoid-gated shared expert
+Qwen3NextSparseMoeBlock
+JambaSparseMoeBlock           softmax top-k, not renormalised (router ``router``)
+Ernie4_5_MoeSparseMoeBlock    softmax scores, ``moe_statics.e_score_correction_bias`` as
+                              ``fixed_bias`` (selection only), renormalised, shared experts
+DeepseekV3MoE,                sigmoid scores, ``e_score_correction_bias`` as ``fixed_bias``,
+DeepseekV32MoE, Glm4MoeMoE,   group-limited selection (``n_group``, ``topk_group``),
+Glm4MoeLiteMoE, Dots1MoE      ``norm_topk_prob``, ``routed_scaling_factor``, shared experts
+Mistral4MoE                   DeepSeek-V3's groups over softmax scores, no bias,
                               ``norm_topk_prob``, ``routed_scaling_factor``, shared experts
 DeepseekV2Moe                 softmax top-k, ``group_limited_greedy`` (groups scored by their
                               best expert: ``group_score="max"``), ``routed_scaling_factor``,
                               shared experts
+MiniMaxM2SparseMoeBlock       sigmoid scores, the block's ``e_score_correction_bias`` as
+                              ``fixed_bias``, renormalised
+Lfm2MoeSparseMoeBlock         sigmoid scores, the block's ``expert_bias`` (when
+                              ``use_expert_bias``) as ``fixed_bias``, ``norm_topk_prob``,
+                              ``routed_scaling_factor``; LFM2 adds 1e-6 to the
+                              normalising sum, this layer does not (a relative
+                              difference near 1e-6 in the weights)
 Llama4TextMoe                 top-k of the logits, sigmoid weights applied to the expert's
                               input (``scale_inputs``), shared expert; its experts store
                               ``gate_up_proj`` [E, H, 2F] and ``down_proj`` [E, F, H]
@@ -63,7 +81,7 @@ README). Mixtral's ``router_jitter_noise`` (0 by default) is not carried over.
 from __future__ import annotations
 
 import functools
-from typing import List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -71,26 +89,109 @@ from torch import nn
 from . import ops
 from .layers import MoE, _in_backward
 
-SUPPORTED = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock",
-             "Qwen2MoeSparseMoeBlock", "DeepseekV3MoE", "Llama4TextMoe",
-             "SwitchTransformersSparseMLP", "DeepseekV2Moe")
-# Blocks whose forward returns (hidden_states, router_logits).
-_RETURNS_TUPLE = ("Llama4TextMoe",)
+def _top_k_softmax(normalize: Optional[bool] = None):
+    """Softmax top-k; ``normalize`` None: the router's ``norm_topk_prob``,
+    renormalising when it has none (Mixtral, MiniMax, Qwen3.5, HunYuan)."""
+    def options(block, router):
+        norm = getattr(router, "norm_topk_prob", True) if normalize is None else normalize
+        return dict(score="softmax", normalize=bool(norm))
+    return options
+
+
+def _grouped_sigmoid(block, router):  # DeepSeek-V3 and its descendants
+    return dict(score="sigmoid", normalize=bool(router.norm_topk_prob),
+                num_groups=router.num_group, topk_groups=router.topk_group,
+                scale=float(router.routed_scaling_factor))
+
+
+def _grouped_softmax(block, router):  # Mistral 4: DeepSeek-V3's groups over softmax scores
+    return dict(score="softmax", normalize=bool(router.norm_topk_prob),
+                num_groups=router.num_group, topk_groups=router.topk_group,
+                scale=float(router.routed_scaling_factor))
+
+
+def _deepseek_v2(block, router):  # softmax; groups scored by their best expert
+    grouped = router.topk_method == "group_limited_greedy"
+    return dict(score="softmax", normalize=False, scale=float(router.routed_scaling_factor),
+                num_groups=router.num_group if grouped else 1,
+                topk_groups=router.topk_group if grouped else 1, group_score="max")
+
+
+def _sigmoid_normalized(block, router):  # MiniMax-M2
+    return dict(score="sigmoid", normalize=True)
+
+
+def _lfm2(block, router):
+    return dict(score="sigmoid", normalize=bool(router.norm_topk_prob),
+                scale=float(router.routed_scaling_factor))
+
+
+def _llama4(block, router):  # top-k of the logits = top-k of their sigmoid
+    return dict(score="sigmoid", normalize=False, scale_inputs=True)
+
+
+class _Family(NamedTuple):
+    """How one Hugging Face block class maps onto :class:`MoE`: where its
+    router and its [E, H] weight live, the routing options read from them,
+    the selection bias (``fixed_bias``) if it has one, and its expert layout."""
+    routing: Callable[[nn.Module, nn.Module], dict]
+    router: str = "gate"
+    weight: str = "weight"            # under the router
+    bias: Optional[str] = None        # under the block; absent attribute: no bias
+    llama4_layout: bool = False       # experts [E, H, 2F] / [E, F, H], not nn.Linear's
+    returns_tuple: bool = False       # forward returns (hidden_states, router_logits)
+
+
+_FAMILIES = {
+    "MixtralSparseMoeBlock": _Family(_top_k_softmax()),
+    "MiniMaxSparseMoeBlock": _Family(_top_k_softmax()),
+    "Qwen3MoeSparseMoeBlock": _Family(_top_k_softmax()),
+    "Qwen3NextSparseMoeBlock": _Family(_top_k_softmax()),
+    "Qwen3_5MoeSparseMoeBlock": _Family(_top_k_softmax()),
+    "Qwen2MoeSparseMoeBlock": _Family(_top_k_softmax()),
+    "OlmoeSparseMoeBlock": _Family(_top_k_softmax()),
+    "FlexOlmoSparseMoeBlock": _Family(_top_k_softmax()),
+    "JambaSparseMoeBlock": _Family(_top_k_softmax(normalize=False), router="router"),
+    "HunYuanMoEV1Moe": _Family(_top_k_softmax(), weight="wg.weight"),
+    "Ernie4_5_MoeSparseMoeBlock": _Family(_top_k_softmax(),
+                                          bias="gate.moe_statics.e_score_correction_bias"),
+    "DeepseekV3MoE": _Family(_grouped_sigmoid, bias="gate.e_score_correction_bias"),
+    "DeepseekV32MoE": _Family(_grouped_sigmoid, bias="gate.e_score_correction_bias"),
+    "Glm4MoeMoE": _Family(_grouped_sigmoid, bias="gate.e_score_correction_bias"),
+    "Glm4MoeLiteMoE": _Family(_grouped_sigmoid, bias="gate.e_score_correction_bias"),
+    "Dots1MoE": _Family(_grouped_sigmoid, bias="gate.e_score_correction_bias"),
+    "Mistral4MoE": _Family(_grouped_softmax),
+    "DeepseekV2Moe": _Family(_deepseek_v2),
+    "MiniMaxM2SparseMoeBlock": _Family(_sigmoid_normalized, bias="e_score_correction_bias"),
+    "Lfm2MoeSparseMoeBlock": _Family(_lfm2, bias="expert_bias"),
+    "Llama4TextMoe": _Family(_llama4, router="router", llama4_layout=True, returns_tuple=True),
+}
+SUPPORTED = tuple(_FAMILIES) + ("SwitchTransformersSparseMLP",)
+
+
+def _attribute(module: nn.Module, path: str):
+    """module.a.b.c for path "a.b.c", None where a link is missing."""
+    for name in path.split("."):
+        module = getattr(module, name, None)
+    return module
 
 
 def _shared_mlp(block) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
     """The block's shared expert (an MLP with gate/up/down projections) and
     its gate, whichever exist."""
-    shared = getattr(block, "shared_expert", None)
-    shared = shared if shared is not None else getattr(block, "shared_experts", None)
+    shared = next((getattr(block, name) for name in ("shared_expert", "shared_experts", "shared_mlp")
+                   if getattr(block, name, None) is not None), None)
     return shared, getattr(block, "shared_expert_gate", None)
 
 
 def _check_silu(module, what: str) -> None:
     act = getattr(module, "act_fn", getattr(module, "activation_fn", None))
-    if act is not None and not isinstance(act, nn.SiLU) and type(act).__name__ != "SiLUActivation":
-        raise ValueError(f"moe_routing.hf: {what} uses {type(act).__name__}; only SiLU-gated "
-                         "(SwiGLU) experts are supported")
+    silu = act is None or act is nn.functional.silu or isinstance(act, nn.SiLU) \
+        or type(act).__name__ == "SiLUActivation"  # LFM2 stores the function itself
+    if not silu:
+        act_name = getattr(act, "__name__", type(act).__name__)  # a function, or a module's class
+        raise ValueError(f"moe_routing.hf: {what} uses {act_name}; only SiLU-gated (SwiGLU) "
+                         "experts are supported")
 
 
 def from_hf(block: nn.Module, **overrides) -> MoE:
@@ -106,48 +207,45 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
     name = type(block).__name__
     if name == "SwitchTransformersSparseMLP":
         return _from_switch(block, **overrides)
-    llama4 = name == "Llama4TextMoe"
-    gate = getattr(block, "router" if llama4 else "gate", None)
-    experts = getattr(block, "experts", None)
-    if name not in SUPPORTED or gate is None or not hasattr(experts, "gate_up_proj"):
+    family = _FAMILIES.get(name)
+    if family is None:
         raise ValueError(f"moe_routing.hf.from_hf: unsupported block {name}; supported: "
                          f"{', '.join(SUPPORTED)}")
+    router = _attribute(block, family.router)
+    weight = _attribute(router, family.weight)
+    # top_k sits on the router, or on the block (older Jamba, e.g. transformers 5.17).
+    top_k = getattr(router, "top_k", getattr(block, "top_k", None))
+    experts = getattr(block, "experts", None)
+    if weight is None or top_k is None or not hasattr(experts, "gate_up_proj"):
+        raise ValueError(f"moe_routing.hf.from_hf: {name} of this transformers version has no "
+                         f"{family.router}.{family.weight}, top_k or experts.gate_up_proj: "
+                         "a layout this module does not know")
     _check_silu(experts, f"{name}.experts")
-    E, H = gate.weight.shape
+    E, H = weight.shape
     # Llama 4 stores the expert weights as [E, H, 2F] / [E, F, H] (ours);
     # the others as nn.Linear weights, [E, 2F, H] / [E, H, F].
-    w_in = experts.gate_up_proj if llama4 else experts.gate_up_proj.transpose(1, 2)
-    w_out = experts.down_proj if llama4 else experts.down_proj.transpose(1, 2)
+    w_in = experts.gate_up_proj if family.llama4_layout else experts.gate_up_proj.transpose(1, 2)
+    w_out = experts.down_proj if family.llama4_layout else experts.down_proj.transpose(1, 2)
     F_hidden = w_out.shape[1]
     dtype, device = experts.gate_up_proj.dtype, experts.gate_up_proj.device
     options = dict(capacity_factor=None, activation="swiglu", aux_loss_weight=0.0,
                    z_loss_weight=0.0,
                    # float64 models route in float64 (so tests can compare
                    # exactly); everything else in float32.
-                   dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    if hasattr(gate, "e_score_correction_bias"):  # DeepSeek-V3
-        options.update(score="sigmoid", normalize=bool(gate.norm_topk_prob),
-                       num_groups=gate.num_group, topk_groups=gate.topk_group,
-                       scale=float(gate.routed_scaling_factor),
-                       fixed_bias=gate.e_score_correction_bias.detach())
-    elif hasattr(gate, "topk_method"):  # DeepSeek-V2: softmax, groups scored by their best
-        grouped = gate.topk_method == "group_limited_greedy"
-        options.update(score="softmax", normalize=False, scale=float(gate.routed_scaling_factor),
-                       num_groups=gate.num_group if grouped else 1,
-                       topk_groups=gate.topk_group if grouped else 1, group_score="max")
-    elif llama4:  # top-k of the logits = top-k of their sigmoid
-        options.update(score="sigmoid", normalize=False, scale_inputs=True)
-    else:
-        options.update(score="softmax", normalize=bool(getattr(gate, "norm_topk_prob", True)))
+                   dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                   **family.routing(block, router))
+    bias = _attribute(block, family.bias) if family.bias else None
+    if bias is not None:  # Ernie 4.5 keeps it as [1, E]
+        options.update(fixed_bias=bias.detach().reshape(-1))
     shared, shared_gate = _shared_mlp(block)
     if shared is not None:
         _check_silu(shared, f"{name} shared expert")
         options.update(shared_hidden=shared.down_proj.weight.shape[1],
                        shared_gate=shared_gate is not None)
     options.update(overrides)
-    moe = MoE(H, F_hidden, E, gate.top_k, **options).to(device)
+    moe = MoE(H, F_hidden, E, top_k, **options).to(device)
     with torch.no_grad():
-        moe.router.weight.copy_(gate.weight)
+        moe.router.weight.copy_(weight)
         moe.experts.w_in.copy_(w_in)
         moe.experts.w_out.copy_(w_out)
         if shared is not None:
@@ -211,9 +309,10 @@ def to_hf(moe: MoE, block: nn.Module) -> nn.Module:
     """Writes ``moe``'s weights into ``block``, the Hugging Face block it was
     made from by :func:`from_hf` (in place, in the block's dtype): the
     inverse of from_hf's copy, so that a fine-tuned model saves with
-    ``save_pretrained`` in Hugging Face's own layout. DeepSeek-V3's
-    ``e_score_correction_bias`` receives the router's selection bias (the
-    ``fixed_bias`` plus any learned balancing ``bias``); any other family
+    ``save_pretrained`` in Hugging Face's own layout. A block with a
+    selection bias (DeepSeek-V3's ``e_score_correction_bias`` and the
+    like, LFM2's ``expert_bias``) receives the router's selection bias (the
+    ``fixed_bias`` plus any learned balancing ``bias``); a block without one
     has no place for a balancing bias and refuses a non-zero one (this
     reads it: a host synchronisation). Every shape is checked before
     anything is written. Returns ``block``."""
@@ -234,16 +333,15 @@ def to_hf(moe: MoE, block: nn.Module) -> nn.Module:
                       ("experts.w_out", expert.wo.weight, moe.experts.w_out[e].t())]
         correction = None
     else:
-        llama4 = name == "Llama4TextMoe"
-        gate, experts = getattr(block, "router" if llama4 else "gate"), block.experts
-        pairs += [("router.weight", gate.weight, router.weight),
-                  ("experts.w_in", experts.gate_up_proj,
-                   moe.experts.w_in if llama4 else moe.experts.w_in.transpose(1, 2)),
-                  ("experts.w_out", experts.down_proj,
-                   moe.experts.w_out if llama4 else moe.experts.w_out.transpose(1, 2))]
-        correction = getattr(gate, "e_score_correction_bias", None)
+        family, experts = _FAMILIES[name], block.experts
+        layout = (lambda w: w) if family.llama4_layout else (lambda w: w.transpose(1, 2))
+        pairs += [("router.weight", _attribute(_attribute(block, family.router), family.weight),
+                   router.weight),
+                  ("experts.w_in", experts.gate_up_proj, layout(moe.experts.w_in)),
+                  ("experts.w_out", experts.down_proj, layout(moe.experts.w_out))]
+        correction = _attribute(block, family.bias) if family.bias else None
         if correction is not None and router.selection_bias() is not None:
-            pairs.append(("the selection bias", correction, router.selection_bias()))
+            pairs.append(("the selection bias", correction.view(-1), router.selection_bias()))
         shared, shared_gate = _shared_mlp(block)
         if (shared is None) != (moe.shared_expert is None) or \
                 (shared_gate is None) != (moe.shared_gate is None):
@@ -264,7 +362,7 @@ def to_hf(moe: MoE, block: nn.Module) -> nn.Module:
                              "block this MoE was made from")
     if correction is None and router.bias is not None and bool(router.bias.any()):
         raise ValueError(f"moe_routing.hf.to_hf: the MoE learned a balancing bias, which {name} "
-                         "cannot hold (only DeepSeek-V3's e_score_correction_bias can)")
+                         "cannot hold (it has no selection bias)")
     with torch.no_grad():
         for _, destination, source in pairs:
             destination.copy_(source)
@@ -518,8 +616,9 @@ def patch(model: nn.Module, **overrides) -> PatchHandle:
     for qualified, block in targets:
         name = ("decoder_attention_mask" if encoder_decoder and "decoder" in qualified.split(".")
                 else "attention_mask")
+        family = _FAMILIES.get(type(block).__name__)
         replacement = MaskedMoE(from_hf(block, **overrides), masks, name,
-                                type(block).__name__ in _RETURNS_TUPLE)
+                                family is not None and family.returns_tuple)
         parent, _, attr = qualified.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, replacement)
         handle.blocks.append((qualified, block, replacement))

@@ -2,6 +2,7 @@
 tiny random models built from configs (no download), float32, Hugging Face's
 default experts implementation (grouped_mm, which has no float64)."""
 import copy
+import operator
 import warnings
 
 import pytest
@@ -16,69 +17,112 @@ COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_
               num_key_value_heads=2, max_position_embeddings=64)
 
 
+MLA = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=4,
+           v_head_dim=8, **{**COMMON, "num_key_value_heads": 4})  # latent attention: no grouped KV
+GROUPED = dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+               num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
+               first_k_dense_replace=0, routed_scaling_factor=2.5, norm_topk_prob=True)
+LINEAR_ATTENTION = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+                        linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"])
+
+# family: (config class, model class, its MoE options); two layers, both MoE.
+CONFIGS = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **COMMON)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(moe_intermediate_size=24, intermediate_size=48, num_experts=8,
+                       num_experts_per_tok=2, norm_topk_prob=True, head_dim=8, **COMMON)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              dict(intermediate_size=24, num_experts=8, num_experts_per_tok=3, **COMMON)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(moe_intermediate_size=24, intermediate_size=48,
+                       shared_expert_intermediate_size=40, num_experts=6, num_experts_per_tok=2,
+                       norm_topk_prob=False, **COMMON)),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(**GROUPED, **MLA)),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    dict(**{**GROUPED, "num_experts_per_tok": 3, "routed_scaling_factor": 1.5},
+                         topk_method="group_limited_greedy", **MLA)),
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM",
+               dict(intermediate_size=24, intermediate_size_mlp=48, num_local_experts=4,
+                    num_experts_per_tok=1, head_dim=8, attention_chunk_size=64,
+                    no_rope_layers=[1, 1], moe_layers=[0, 1], **COMMON)),
+    # DeepSeek-V3's router: sigmoid scores, selection bias, groups.
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(**GROUPED, head_dim=8, **COMMON)),
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM",
+                      dict(**GROUPED, mlp_layer_types=["sparse", "sparse"], **MLA)),
+    "dots1": ("Dots1Config", "Dots1ForCausalLM", dict(**GROUPED, head_dim=8, **COMMON)),
+    "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM",
+                     dict(**GROUPED, **{**MLA, "q_lora_rank": 16}, index_head_dim=8,
+                          index_n_heads=2, index_topk=4)),
+    # Groups over softmax scores, no bias.
+    "mistral4": ("Mistral4Config", "Mistral4ForCausalLM",
+                 dict(**{**GROUPED, "norm_topk_prob": False}, **MLA)),
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
+                   dict(intermediate_size=48, moe_intermediate_size=24,
+                        shared_expert_intermediate_size=40, num_experts=6, num_experts_per_tok=2,
+                        norm_topk_prob=False, head_dim=8, **LINEAR_ATTENTION, **COMMON)),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
+                    dict(intermediate_size=48, moe_intermediate_size=24,
+                         shared_expert_intermediate_size=40, num_experts=6,
+                         num_experts_per_tok=2, head_dim=8, **LINEAR_ATTENTION, **COMMON)),
+    "minimax": ("MiniMaxConfig", "MiniMaxForCausalLM",
+                dict(intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                     head_dim=8, **COMMON)),
+    "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM",
+                   dict(intermediate_size=48, num_local_experts=6, num_experts_per_tok=2,
+                        head_dim=8, bos_token_id=1, eos_token_id=2, **COMMON)),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
+                     dict(intermediate_size=48, moe_intermediate_size=16, moe_num_experts=8,
+                          moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=0, **COMMON)),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM",
+                       dict(intermediate_size=48, num_experts=8, moe_topk=2, head_dim=8,
+                            pad_token_id=0, eos_token_id=2, **COMMON)),
+    "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM",
+                  dict(intermediate_size=24, num_experts=8, num_experts_per_tok=3,
+                       pad_token_id=0, eos_token_id=2, **COMMON)),
+    "jamba": ("JambaConfig", "JambaForCausalLM",
+              dict(intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                   expert_layer_period=1, expert_layer_offset=0, attn_layer_period=1,
+                   attn_layer_offset=0, use_mamba_kernels=False, **COMMON)),
+    "lfm2_moe": ("Lfm2MoeConfig", "Lfm2MoeForCausalLM",
+                 dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                      num_experts_per_tok=2, num_dense_layers=0, use_expert_bias=True,
+                      norm_topk_prob=True, routed_scaling_factor=1.5,
+                      layer_types=["conv", "full_attention"], **COMMON)),
+}
+FAMILIES = list(CONFIGS)
+
+# Where a family's block keeps its router weight and its selection bias, as
+# transformers' code has them (default: gate.weight, no bias).
+ROUTER_WEIGHT = {"llama4": "router.weight", "jamba": "router.weight",
+                 "hunyuan_v1_moe": "gate.wg.weight"}
+SELECTION_BIAS = {**{family: "gate.e_score_correction_bias" for family in
+                     ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "deepseek_v32")},
+                  "ernie4_5_moe": "gate.moe_statics.e_score_correction_bias",
+                  "minimax_m2": "e_score_correction_bias", "lfm2_moe": "expert_bias"}
+
+
+def router_weight(family, block):
+    return operator.attrgetter(ROUTER_WEIGHT.get(family, "gate.weight"))(block)
+
+
 def tiny(family):
     """A float32 causal LM of ``family`` with random weights (the router and
     the bias too, so that routing is not trivial)."""
     torch.manual_seed(0)
-    if family == "mixtral":
-        config = transformers.MixtralConfig(intermediate_size=48, num_local_experts=4,
-                                            num_experts_per_tok=2, **COMMON)
-        model = transformers.MixtralForCausalLM(config)
-    elif family == "qwen3_moe":
-        config = transformers.Qwen3MoeConfig(moe_intermediate_size=24, intermediate_size=48,
-                                             num_experts=8, num_experts_per_tok=2,
-                                             norm_topk_prob=True, head_dim=8, **COMMON)
-        model = transformers.Qwen3MoeForCausalLM(config)
-    elif family == "olmoe":
-        config = transformers.OlmoeConfig(intermediate_size=24, num_experts=8,
-                                          num_experts_per_tok=3, **COMMON)
-        model = transformers.OlmoeForCausalLM(config)
-    elif family == "qwen2_moe":
-        config = transformers.Qwen2MoeConfig(moe_intermediate_size=24, intermediate_size=48,
-                                             shared_expert_intermediate_size=40, num_experts=6,
-                                             num_experts_per_tok=2, norm_topk_prob=False,
-                                             **COMMON)
-        model = transformers.Qwen2MoeForCausalLM(config)
-    elif family == "deepseek_v3":
-        config = transformers.DeepseekV3Config(
-            intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
-            num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1,
-            first_k_dense_replace=0, routed_scaling_factor=2.5, norm_topk_prob=True,
-            q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
-            v_head_dim=8, **{**COMMON, "num_key_value_heads": 4})  # MLA: no grouped KV
-        model = transformers.DeepseekV3ForCausalLM(config)
-    elif family == "deepseek_v2":
-        config = transformers.DeepseekV2Config(
-            intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
-            num_experts_per_tok=3, n_group=4, topk_group=2, topk_method="group_limited_greedy",
-            n_shared_experts=1, first_k_dense_replace=0, routed_scaling_factor=1.5,
-            q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
-            v_head_dim=8, **{**COMMON, "num_key_value_heads": 4})
-        model = transformers.DeepseekV2ForCausalLM(config)
-    elif family == "llama4":
-        config = transformers.Llama4TextConfig(
-            intermediate_size=24, intermediate_size_mlp=48, num_local_experts=4,
-            num_experts_per_tok=1, head_dim=8, attention_chunk_size=64,
-            no_rope_layers=[1, 1], moe_layers=[0, 1], **COMMON)
-        model = transformers.Llama4ForCausalLM(config)
-    else:
-        raise AssertionError(family)
-    model = model.eval()
+    config_class, model_class, options = CONFIGS[family]
+    config = getattr(transformers, config_class)(**options)
+    model = getattr(transformers, model_class)(config).eval()
     with torch.no_grad():
-        for module in model.modules():
-            if type(module).__name__ in mrhf.SUPPORTED:
-                gate = module.router if hasattr(module, "router") else module.gate
-                gate.weight.normal_(std=0.5)
-                if hasattr(module.experts, "gate_up_proj") and module.experts.gate_up_proj.abs().sum() == 0:
-                    module.experts.gate_up_proj.normal_(std=0.2)  # Llama 4 initialises zeros
-                if hasattr(gate, "e_score_correction_bias"):
-                    gate.e_score_correction_bias.uniform_(-0.1, 0.1)
-                if hasattr(module, "shared_expert_gate"):
-                    module.shared_expert_gate.weight.normal_(std=0.5)
+        for block in blocks(model):
+            router_weight(family, block).normal_(std=0.5)
+            if block.experts.gate_up_proj.abs().sum() == 0:
+                block.experts.gate_up_proj.normal_(std=0.2)  # Llama 4 initialises zeros
+            if family in SELECTION_BIAS:
+                operator.attrgetter(SELECTION_BIAS[family])(block).uniform_(-0.1, 0.1)
+            if hasattr(block, "shared_expert_gate"):
+                block.shared_expert_gate.weight.normal_(std=0.5)
     return model
-
-
-FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "llama4"]
 
 
 def blocks(model):
@@ -93,14 +137,14 @@ def test_from_hf_block_equals_the_block_outputs_and_gradients(family):
     expected = block(x)
     if isinstance(expected, tuple):  # Llama 4: (hidden_states, router_logits)
         expected = expected[0].view(x.shape)
-    gate = block.router if hasattr(block, "router") else block.gate
     llama4 = family == "llama4"
     layout = (lambda w: w) if llama4 else (lambda w: w.transpose(1, 2))
     got = moe(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(expected)
     grad_x_hf, grad_router_hf, grad_up_hf, grad_down_hf = torch.autograd.grad(
-        expected, [x, gate.weight, block.experts.gate_up_proj, block.experts.down_proj], g)
+        expected, [x, router_weight(family, block), block.experts.gate_up_proj,
+                   block.experts.down_proj], g)
     grad_x, grad_router, grad_in, grad_out = torch.autograd.grad(
         got, [x, moe.router.weight, moe.experts.w_in, moe.experts.w_out], g)
     torch.testing.assert_close(grad_x, grad_x_hf, rtol=1e-5, atol=1e-6)
@@ -427,6 +471,21 @@ def test_to_hf_switch_and_its_errors():
 def test_from_hf_rejects_an_unsupported_block():
     with pytest.raises(ValueError, match="moe_routing.hf.from_hf: unsupported block Linear"):
         mrhf.from_hf(torch.nn.Linear(2, 2))
+    # A supported name with a layout from another transformers version.
+    unknown = type("MixtralSparseMoeBlock", (torch.nn.Module,), {})()
+    unknown.gate = torch.nn.Linear(32, 4, bias=False)
+    with pytest.raises(ValueError, match="MixtralSparseMoeBlock of this transformers version has "
+                                         "no gate.weight, top_k or experts.gate_up_proj"):
+        mrhf.from_hf(unknown)
+
+
+def test_from_hf_rejects_experts_that_are_not_silu_gated():
+    config_class, model_class, options = CONFIGS["mixtral"]
+    config = getattr(transformers, config_class)(**{**options, "hidden_act": "gelu"})
+    block = blocks(getattr(transformers, model_class)(config))[0]
+    with pytest.raises(ValueError, match="MixtralSparseMoeBlock.experts uses GELUActivation; "
+                                         "only SiLU-gated"):
+        mrhf.from_hf(block)
 
 
 @pytest.mark.parametrize("masked", [False, True])
