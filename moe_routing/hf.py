@@ -23,6 +23,11 @@ MixtralSparseMoeBlock,        softmax top-k, weights renormalised
 MiniMaxSparseMoeBlock,
 Qwen3_5MoeSparseMoeBlock,
 HunYuanMoEV1Moe               (HunYuan: router ``gate.wg``, shared MLP ``shared_mlp``)
+GraniteMoeMoE,                softmax over the top-k logits (= renormalised softmax top-k;
+GraniteMoeSharedMoE           router ``router``; Granite's shared MLP lies outside the block)
+Cohere2MoeSparseMoeBlock      the same with ``expert_selection_fn="softmax"``; sigmoid top-k
+                              and ``norm_topk_prob`` with "sigmoid"; shared experts added
+                              ("sum"; "average" is refused)
 Qwen3MoeSparseMoeBlock,       softmax top-k, ``norm_topk_prob``
 OlmoeSparseMoeBlock,
 FlexOlmoSparseMoeBlock
@@ -33,14 +38,22 @@ Ernie4_5_MoeSparseMoeBlock    softmax scores, ``moe_statics.e_score_correction_b
                               ``fixed_bias`` (selection only), renormalised, shared experts
 DeepseekV3MoE,                sigmoid scores, ``e_score_correction_bias`` as ``fixed_bias``,
 DeepseekV32MoE, Glm4MoeMoE,   group-limited selection (``n_group``, ``topk_group``),
-Glm4MoeLiteMoE, Dots1MoE      ``norm_topk_prob``, ``routed_scaling_factor``, shared experts
+Glm4MoeLiteMoE, Dots1MoE,     ``norm_topk_prob``, ``routed_scaling_factor``, shared experts
+GlmMoeDsaMoE, KimiLinearMoE,  (MiMo-V2-Flash has none)
+BailingHybridMoE,
+MiMoV2FlashMoE
 Mistral4MoE                   DeepSeek-V3's groups over softmax scores, no bias,
                               ``norm_topk_prob``, ``routed_scaling_factor``, shared experts
 DeepseekV2Moe                 softmax top-k, ``group_limited_greedy`` (groups scored by their
                               best expert: ``group_score="max"``), ``routed_scaling_factor``,
                               shared experts
-MiniMaxM2SparseMoeBlock       sigmoid scores, the block's ``e_score_correction_bias`` as
-                              ``fixed_bias``, renormalised
+MiniMaxM2SparseMoeBlock,      sigmoid scores, the block's ``e_score_correction_bias`` as
+HYV3MoE                       ``fixed_bias``, renormalised; HY-V3: ``router_scaling_factor``,
+                              shared experts (added in the model's dtype, where
+                              ``enable_moe_fp32_combine`` adds in float32)
+AfmoeSparseMoeBlock           sigmoid scores, the block's ``expert_bias`` as ``fixed_bias``,
+                              renormalised, ``route_scale``, shared experts (router
+                              ``router.gate``)
 Lfm2MoeSparseMoeBlock         sigmoid scores, the block's ``expert_bias`` (when
                               ``use_expert_bias``) as ``fixed_bias``, ``norm_topk_prob``,
                               ``routed_scaling_factor``; LFM2 adds 1e-6 to the
@@ -56,9 +69,17 @@ SwitchTransformersSparseMLP   top-1 softmax, weight = top-1 probability, capacit
                               ``jitter_noise`` (on the router's copy only)
 ============================  ==========================================================
 
-Not supported: GPT-OSS (its experts have biases and a clamped, interleaved
+A shared expert must be SiLU-gated with bias-free ``gate_proj``, ``up_proj``
+and ``down_proj``; anything else is refused with a ValueError naming the block.
+
+Not supported either (their routing or experts are not this layer's):
+PhiMoE (sparsemixer), Nemotron-H (non-gated experts behind latent
+projections), Laguna (soft-capped router logits), MiniMax-M3-VL (a
+non-SwiGLU shared MLP), LongCat-Flash (zero-computation experts),
+DeepSeek-V4 (hash-routed layers), JetMoE (its own expert layout). Nor
+GPT-OSS (its experts have biases and a clamped, interleaved
 SwiGLU, which the bias-free experts of :class:`MoE` do not express: a bias
-would also turn empty capacity rows non-zero) and NLLB-MoE (biased experts,
+would also turn empty capacity rows non-zero) nor NLLB-MoE (biased experts,
 and transformers 5.24's ``NllbMoeExperts`` one-hot-encodes the 0/1 top-1 mask,
 so only experts 0 and 1 run; its router is reproduced exactly by
 ``MoE(k=2, normalize=False, priority="choice" or "batch",
@@ -89,25 +110,29 @@ from torch import nn
 from . import ops
 from .layers import MoE, _in_backward
 
-def _top_k_softmax(normalize: Optional[bool] = None):
-    """Softmax top-k; ``normalize`` None: the router's ``norm_topk_prob``,
-    renormalising when it has none (Mixtral, MiniMax, Qwen3.5, HunYuan)."""
+
+def _norm(router, normalize: Optional[bool]) -> bool:
+    """``normalize``, or (None) the router's ``norm_topk_prob``, renormalising
+    when it has none (Mixtral, MiniMax, Qwen3.5, HunYuan, Mistral Large 4)."""
+    return bool(getattr(router, "norm_topk_prob", True) if normalize is None else normalize)
+
+
+def _top_k(score: str, normalize: Optional[bool] = None, scale: Optional[str] = None):
+    """Top-k of the softmax or sigmoid scores (plus the family's selection
+    bias, if any); ``scale``: the router attribute holding the routed scaling
+    factor."""
     def options(block, router):
-        norm = getattr(router, "norm_topk_prob", True) if normalize is None else normalize
-        return dict(score="softmax", normalize=bool(norm))
+        return dict(score=score, normalize=_norm(router, normalize),
+                    scale=float(getattr(router, scale)) if scale else 1.0)
     return options
 
 
-def _grouped_sigmoid(block, router):  # DeepSeek-V3 and its descendants
-    return dict(score="sigmoid", normalize=bool(router.norm_topk_prob),
-                num_groups=router.num_group, topk_groups=router.topk_group,
-                scale=float(router.routed_scaling_factor))
-
-
-def _grouped_softmax(block, router):  # Mistral 4: DeepSeek-V3's groups over softmax scores
-    return dict(score="softmax", normalize=bool(router.norm_topk_prob),
-                num_groups=router.num_group, topk_groups=router.topk_group,
-                scale=float(router.routed_scaling_factor))
+def _grouped(score: str):
+    """DeepSeek-V3's group-limited top-k: groups scored by their two best."""
+    def options(block, router):
+        return dict(score=score, normalize=_norm(router, None), num_groups=router.num_group,
+                    topk_groups=router.topk_group, scale=float(router.routed_scaling_factor))
+    return options
 
 
 def _deepseek_v2(block, router):  # softmax; groups scored by their best expert
@@ -117,13 +142,18 @@ def _deepseek_v2(block, router):  # softmax; groups scored by their best expert
                 topk_groups=router.topk_group if grouped else 1, group_score="max")
 
 
-def _sigmoid_normalized(block, router):  # MiniMax-M2
-    return dict(score="sigmoid", normalize=True)
-
-
-def _lfm2(block, router):
-    return dict(score="sigmoid", normalize=bool(router.norm_topk_prob),
-                scale=float(router.routed_scaling_factor))
+def _cohere2(block, router):
+    """Top-k of the logits, then a softmax over them (= renormalised softmax
+    top-k) or their sigmoid (= sigmoid top-k, ``norm_topk_prob``)."""
+    if getattr(block, "num_shared_experts", 0) > 0 and \
+            block.shared_expert_combination_strategy != "sum":
+        raise ValueError("moe_routing.hf.from_hf: Cohere2MoeSparseMoeBlock with "
+                         f"shared_expert_combination_strategy="
+                         f"{block.shared_expert_combination_strategy!r} is not supported (only "
+                         "'sum': the layer adds its shared expert)")
+    if router.expert_selection_fn == "softmax":
+        return dict(score="softmax", normalize=True)
+    return dict(score="sigmoid", normalize=bool(router.norm_topk_prob))
 
 
 def _llama4(block, router):  # top-k of the logits = top-k of their sigmoid
@@ -142,28 +172,33 @@ class _Family(NamedTuple):
     returns_tuple: bool = False       # forward returns (hidden_states, router_logits)
 
 
+_DEEPSEEK_V3 = _Family(_grouped("sigmoid"), bias="gate.e_score_correction_bias")
 _FAMILIES = {
-    "MixtralSparseMoeBlock": _Family(_top_k_softmax()),
-    "MiniMaxSparseMoeBlock": _Family(_top_k_softmax()),
-    "Qwen3MoeSparseMoeBlock": _Family(_top_k_softmax()),
-    "Qwen3NextSparseMoeBlock": _Family(_top_k_softmax()),
-    "Qwen3_5MoeSparseMoeBlock": _Family(_top_k_softmax()),
-    "Qwen2MoeSparseMoeBlock": _Family(_top_k_softmax()),
-    "OlmoeSparseMoeBlock": _Family(_top_k_softmax()),
-    "FlexOlmoSparseMoeBlock": _Family(_top_k_softmax()),
-    "JambaSparseMoeBlock": _Family(_top_k_softmax(normalize=False), router="router"),
-    "HunYuanMoEV1Moe": _Family(_top_k_softmax(), weight="wg.weight"),
-    "Ernie4_5_MoeSparseMoeBlock": _Family(_top_k_softmax(),
+    **{name: _Family(_top_k("softmax")) for name in (
+        "MixtralSparseMoeBlock", "MiniMaxSparseMoeBlock", "Qwen3MoeSparseMoeBlock",
+        "Qwen3NextSparseMoeBlock", "Qwen3_5MoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock",
+        "OlmoeSparseMoeBlock", "FlexOlmoSparseMoeBlock")},
+    "HunYuanMoEV1Moe": _Family(_top_k("softmax"), weight="wg.weight"),
+    "JambaSparseMoeBlock": _Family(_top_k("softmax", normalize=False), router="router"),
+    # softmax over the top-k logits = renormalised softmax top-k
+    "GraniteMoeMoE": _Family(_top_k("softmax", normalize=True), router="router"),
+    "GraniteMoeSharedMoE": _Family(_top_k("softmax", normalize=True), router="router"),
+    "Cohere2MoeSparseMoeBlock": _Family(_cohere2),
+    "Ernie4_5_MoeSparseMoeBlock": _Family(_top_k("softmax"),
                                           bias="gate.moe_statics.e_score_correction_bias"),
-    "DeepseekV3MoE": _Family(_grouped_sigmoid, bias="gate.e_score_correction_bias"),
-    "DeepseekV32MoE": _Family(_grouped_sigmoid, bias="gate.e_score_correction_bias"),
-    "Glm4MoeMoE": _Family(_grouped_sigmoid, bias="gate.e_score_correction_bias"),
-    "Glm4MoeLiteMoE": _Family(_grouped_sigmoid, bias="gate.e_score_correction_bias"),
-    "Dots1MoE": _Family(_grouped_sigmoid, bias="gate.e_score_correction_bias"),
-    "Mistral4MoE": _Family(_grouped_softmax),
+    **{name: _DEEPSEEK_V3 for name in (
+        "DeepseekV3MoE", "DeepseekV32MoE", "Glm4MoeMoE", "Glm4MoeLiteMoE", "GlmMoeDsaMoE",
+        "Dots1MoE", "KimiLinearMoE", "BailingHybridMoE", "MiMoV2FlashMoE")},
+    "Mistral4MoE": _Family(_grouped("softmax")),
     "DeepseekV2Moe": _Family(_deepseek_v2),
-    "MiniMaxM2SparseMoeBlock": _Family(_sigmoid_normalized, bias="e_score_correction_bias"),
-    "Lfm2MoeSparseMoeBlock": _Family(_lfm2, bias="expert_bias"),
+    "MiniMaxM2SparseMoeBlock": _Family(_top_k("sigmoid", normalize=True),
+                                       bias="e_score_correction_bias"),
+    "HYV3MoE": _Family(_top_k("sigmoid", normalize=True, scale="router_scaling_factor"),
+                       bias="e_score_correction_bias"),
+    "AfmoeSparseMoeBlock": _Family(_top_k("sigmoid", normalize=True, scale="route_scale"),
+                                   router="router", weight="gate.weight", bias="expert_bias"),
+    "Lfm2MoeSparseMoeBlock": _Family(_top_k("sigmoid", scale="routed_scaling_factor"),
+                                     bias="expert_bias"),
     "Llama4TextMoe": _Family(_llama4, router="router", llama4_layout=True, returns_tuple=True),
 }
 SUPPORTED = tuple(_FAMILIES) + ("SwitchTransformersSparseMLP",)
@@ -240,6 +275,10 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
     shared, shared_gate = _shared_mlp(block)
     if shared is not None:
         _check_silu(shared, f"{name} shared expert")
+        projections = [getattr(shared, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
+        if not all(isinstance(p, nn.Linear) and p.bias is None for p in projections):
+            raise ValueError(f"moe_routing.hf.from_hf: {name}'s shared expert is not three "
+                             "bias-free linear maps gate_proj, up_proj, down_proj")
         options.update(shared_hidden=shared.down_proj.weight.shape[1],
                        shared_gate=shared_gate is not None)
     options.update(overrides)

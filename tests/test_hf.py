@@ -89,17 +89,63 @@ CONFIGS = {
                       num_experts_per_tok=2, num_dense_layers=0, use_expert_bias=True,
                       norm_topk_prob=True, routed_scaling_factor=1.5,
                       layer_types=["conv", "full_attention"], **COMMON)),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM",
+                   dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+                        **COMMON)),
+    "granitemoeshared": ("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM",
+                         dict(intermediate_size=24, shared_intermediate_size=40,
+                              num_local_experts=4, num_experts_per_tok=2, **COMMON)),
+    "cohere2_moe": ("Cohere2MoeConfig", "Cohere2MoeForCausalLM",
+                    dict(intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+                         num_shared_experts=1, shared_expert_combination_strategy="sum",
+                         mlp_layer_types=["sparse", "sparse"], pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2, head_dim=8, **COMMON)),
+    "cohere2_moe_sigmoid": ("Cohere2MoeConfig", "Cohere2MoeForCausalLM",
+                            dict(intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+                                 expert_selection_fn="sigmoid", norm_topk_prob=False,
+                                 mlp_layer_types=["sparse", "sparse"], pad_token_id=0,
+                                 bos_token_id=1, eos_token_id=2, head_dim=8, **COMMON)),
+    "kimi_linear": ("KimiLinearConfig", "KimiLinearForCausalLM",
+                    dict(**GROUPED, **MLA, mlp_layer_types=["sparse", "sparse"],
+                         layer_types=["linear_attention", "full_attention"], linear_head_dim=8,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         linear_num_heads=4)),
+    "bailing_hybrid": ("BailingHybridConfig", "BailingHybridForCausalLM",
+                       dict(**GROUPED, **MLA, mlp_layer_types=["sparse", "sparse"],
+                            layer_types=["linear_attention", "full_attention"],
+                            layer_group_size=2, num_mtp_layers=0, pad_token_id=0,
+                            bos_token_id=1, eos_token_id=2)),
+    "mimo_v2_flash": ("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM",
+                      dict(**{**GROUPED, "n_shared_experts": 0},
+                           mlp_layer_types=["sparse", "sparse"], head_dim=8,
+                           layer_types=["full_attention", "full_attention"], **COMMON)),
+    "glm_moe_dsa": ("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM",
+                    dict(**GROUPED, **{**MLA, "q_lora_rank": 16}, index_head_dim=8,
+                         index_n_heads=2, index_topk=4, mlp_layer_types=["sparse", "sparse"])),
+    "hy_v3": ("HYV3Config", "HYV3ForCausalLM",
+              dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                   num_experts_per_tok=2, num_shared_experts=1, router_scaling_factor=2.5,
+                   mlp_layer_types=["sparse", "sparse"], head_dim=8, pad_token_id=0,
+                   bos_token_id=1, eos_token_id=2, **COMMON)),
+    "afmoe": ("AfmoeConfig", "AfmoeForCausalLM",
+              dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                   num_experts_per_tok=2, num_shared_experts=1, num_dense_layers=0,
+                   route_scale=1.7, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                   **COMMON)),
 }
 FAMILIES = list(CONFIGS)
 
 # Where a family's block keeps its router weight and its selection bias, as
 # transformers' code has them (default: gate.weight, no bias).
 ROUTER_WEIGHT = {"llama4": "router.weight", "jamba": "router.weight",
-                 "hunyuan_v1_moe": "gate.wg.weight"}
-SELECTION_BIAS = {**{family: "gate.e_score_correction_bias" for family in
-                     ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "deepseek_v32")},
+                 "granitemoe": "router.weight", "granitemoeshared": "router.weight",
+                 "hunyuan_v1_moe": "gate.wg.weight", "afmoe": "router.gate.weight"}
+SELECTION_BIAS = {**{family: "gate.e_score_correction_bias" for family in (
+                     "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "deepseek_v32",
+                     "kimi_linear", "bailing_hybrid", "mimo_v2_flash", "glm_moe_dsa")},
                   "ernie4_5_moe": "gate.moe_statics.e_score_correction_bias",
-                  "minimax_m2": "e_score_correction_bias", "lfm2_moe": "expert_bias"}
+                  "minimax_m2": "e_score_correction_bias", "hy_v3": "e_score_correction_bias",
+                  "lfm2_moe": "expert_bias", "afmoe": "expert_bias"}
 
 
 def router_weight(family, block):
@@ -111,6 +157,8 @@ def tiny(family):
     the bias too, so that routing is not trivial)."""
     torch.manual_seed(0)
     config_class, model_class, options = CONFIGS[family]
+    if not hasattr(transformers, model_class):  # a family newer than the installed version
+        pytest.skip(f"transformers {transformers.__version__} has no {model_class}")
     config = getattr(transformers, config_class)(**options)
     model = getattr(transformers, model_class)(config).eval()
     with torch.no_grad():
@@ -477,6 +525,21 @@ def test_from_hf_rejects_an_unsupported_block():
     with pytest.raises(ValueError, match="MixtralSparseMoeBlock of this transformers version has "
                                          "no gate.weight, top_k or experts.gate_up_proj"):
         mrhf.from_hf(unknown)
+
+
+def test_from_hf_rejects_what_the_layer_cannot_express():
+    """Cohere2's 'average' of routed and shared outputs, and a shared expert
+    with biases (HY-V3's mlp_bias)."""
+    def first_block(family, **changes):
+        config_class, model_class, options = CONFIGS[family]
+        config = getattr(transformers, config_class)(**{**options, **changes})
+        return blocks(getattr(transformers, model_class)(config))[0]
+
+    with pytest.raises(ValueError, match="Cohere2MoeSparseMoeBlock with "
+                                         "shared_expert_combination_strategy='average'"):
+        mrhf.from_hf(first_block("cohere2_moe", shared_expert_combination_strategy="average"))
+    with pytest.raises(ValueError, match="HYV3MoE's shared expert is not three bias-free"):
+        mrhf.from_hf(first_block("hy_v3", mlp_bias=True))
 
 
 def test_from_hf_rejects_experts_that_are_not_silu_gated():
