@@ -16,7 +16,9 @@ Layouts
     all_to_all of [E, C, H] there and one back, static shapes, no host
     synchronisation, functional collectives (works under
     ``torch.compile(fullgraph=True)``). All ranks of the group must pass the
-    same number of tokens (C must agree; pad with the mask otherwise). Expert
+    same number of tokens (C must agree; pad with the mask otherwise):
+    eager mode checks it on CPU tensors, and on every device under
+    TORCH_DISTRIBUTED_DEBUG=DETAIL (one small all_gather). Expert
     e therefore runs on W*C rows
     (C from each rank, in source-rank order). The single-process reference is
     W separate ``plan`` calls, one per rank's token slice, concatenated.
@@ -245,6 +247,7 @@ def run_experts(moe, rows: torch.Tensor, kept: torch.Tensor, C) -> torch.Tensor:
         return _run_dropless(moe, rows, kept)
     ep, E, H = moe._ep, moe.num_experts, rows.shape[-1]
     W, El = ep.world, ep.num_local
+    _check_capacity_agrees(ep, C, rows.device)
     # [E, C, H] = [W (destination), El, C, H]: one fixed block per rank.
     received = _all_to_all(ep, rows, what="all_to_all(dispatch)")
     # [W (source), El, C, H] -> expert-major [El, W*C, H]
@@ -252,6 +255,26 @@ def run_experts(moe, rows: torch.Tensor, kept: torch.Tensor, C) -> torch.Tensor:
     out = moe.experts(buffer)
     back = out.view(El, W, C, H).transpose(0, 1).reshape(E * C, H)
     return _all_to_all(ep, back, what="all_to_all(combine)").view(E * C, H)
+
+
+def _check_capacity_agrees(ep, C, device) -> None:
+    """Every rank of the group must plan the same capacity C: the exchange
+    sends fixed [E/W, C, H] blocks, and blocks of other sizes abort gloo's
+    process (NCCL does not check). Checked in eager mode with CPU
+    tensors, where it costs no device synchronisation, and on every device
+    under TORCH_DISTRIBUTED_DEBUG=DETAIL; every rank raises the same error."""
+    if torch.compiler.is_compiling() or (
+            device.type != "cpu" and dist.get_debug_level() != dist.DebugLevel.DETAIL):
+        return
+    mine = torch.tensor([C], dtype=torch.int64, device=device)
+    capacities = _collective(ep, "all_gather(capacity)",
+                             lambda: _gather_fn(False)(mine, 0, ep.group)).tolist()
+    if len(set(capacities)) > 1:
+        raise ValueError(
+            f"MoE ({ep.name}): the capacity layout needs the same capacity on every rank of "
+            f"the expert-parallel group, got C = {capacities} by rank: the ranks passed "
+            "different numbers of tokens. Pad every rank's batch to the same shape and "
+            "pass a mask, or use capacity_factor=None (dropless)")
 
 
 def _run_dropless(moe, rows, kept):

@@ -231,13 +231,25 @@ def _check_errors(rank, world):
         mr.MoE(8, 16, 4 if rank == 0 else 8, 1, expert_parallel=dist.group.WORLD)
     with pytest.raises(ValueError, match="1-D DeviceMesh"):
         mr.MoE(8, 16, 4, 1, expert_parallel=parallel.expert_data_mesh(world, 1))
+    # Capacity layout with different token counts per rank: where the
+    # capacities differ, the same clear error on every rank (gloo aborted
+    # the process before) ...
+    _, moe = _make_pair(world, rank, dist.group.WORLD, 4, 2, capacity_factor=1.25)
+    with pytest.raises(ValueError, match=r"same capacity on every rank .* got C = \[5, 8\]"):
+        moe(torch.randn(8 if rank == 0 else 12, 8))
+    # ... and where they agree (T = 8 and 7 both give C = 4), each rank's
+    # output is the single-process layer's on its own tokens.
+    ref, moe = _make_pair(world, rank, dist.group.WORLD, 4, 2, capacity_factor=1.0)
+    x = torch.randn(8 if rank == 0 else 7, 8)
+    _close(moe(x), ref(x), "output with different T and the same C")
     # A rank that skips the forward: the other one's collective times out
     # and the error names the layer.
     group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=2))
     model = torch.nn.ModuleDict({"block0": mr.MoE(8, 16, 4, 1, expert_parallel=group)})
     parallel.name_layers(model)
     if rank == 0:
-        with pytest.raises(RuntimeError, match=r"all_to_all\(dispatch\) of layer .block0."):
+        # (on CPU the first collective is the capacity check)
+        with pytest.raises(RuntimeError, match=r"all_gather\(capacity\) of layer .block0."):
             model["block0"](torch.randn(6, 8))
     dist.barrier()
 
