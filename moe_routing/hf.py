@@ -97,7 +97,15 @@ except for Switch Transformers, which keeps its per-row ``expert_capacity``
 (see the table), and has ``aux_loss_weight = z_loss_weight = 0``: the model's own loss options
 are left to the caller (``moe_routing.aux_loss(model)`` after setting the
 weights you want; Hugging Face's Mixtral-style loss is k times ours, see the
-README). Mixtral's ``router_jitter_noise`` (0 by default) is not carried over.
+README). The ``router_jitter_noise`` of Mixtral, MiniMax and MiniMax-M2 (0 by
+default; it scales the block's whole input in training) is not carried over.
+
+Selection equals Hugging Face's except at exact ties: this layer breaks them
+towards the lower expert index, ``torch.topk`` as it happens (AFMoE's
+zero-initialised router ties every expert, so a freshly initialised AFMoE
+picks other experts). Llama 4 and Cohere2 with sigmoid selection take the
+top-k of the logits; this layer takes it of their sigmoid, which saturates
+at 1.0 in float32 for logits above about 17, where such experts then tie.
 """
 from __future__ import annotations
 
@@ -142,6 +150,17 @@ def _deepseek_v2(block, router):  # softmax; groups scored by their best expert
                 topk_groups=router.topk_group if grouped else 1, group_score="max")
 
 
+def _ernie(block, router):
+    """Ernie 4.5 divides by clamp(sum, min=moe_norm_min); a softmax top-k
+    sums to at least k/E, so a floor below that never applies."""
+    E, k = router.weight.shape[0], router.top_k
+    if getattr(router, "norm_min", 0.0) > 0.5 * k / E:
+        raise ValueError(f"moe_routing.hf.from_hf: Ernie4_5_MoeSparseMoeBlock with moe_norm_min="
+                         f"{router.norm_min} can clamp the normalising sum (at least k/E = "
+                         f"{k / E:g}), which this layer does not do")
+    return dict(score="softmax", normalize=True)
+
+
 def _cohere2(block, router):
     """Top-k of the logits, then a softmax over them (= renormalised softmax
     top-k) or their sigmoid (= sigmoid top-k, ``norm_topk_prob``)."""
@@ -184,7 +203,7 @@ _FAMILIES = {
     "GraniteMoeMoE": _Family(_top_k("softmax", normalize=True), router="router"),
     "GraniteMoeSharedMoE": _Family(_top_k("softmax", normalize=True), router="router"),
     "Cohere2MoeSparseMoeBlock": _Family(_cohere2),
-    "Ernie4_5_MoeSparseMoeBlock": _Family(_top_k("softmax"),
+    "Ernie4_5_MoeSparseMoeBlock": _Family(_ernie,
                                           bias="gate.moe_statics.e_score_correction_bias"),
     **{name: _DEEPSEEK_V3 for name in (
         "DeepseekV3MoE", "DeepseekV32MoE", "Glm4MoeMoE", "Glm4MoeLiteMoE", "GlmMoeDsaMoE",
@@ -213,9 +232,13 @@ def _attribute(module: nn.Module, path: str):
 
 def _shared_mlp(block) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
     """The block's shared expert (an MLP with gate/up/down projections) and
-    its gate, whichever exist."""
+    its gate, whichever exist. A zero-width one (``n_shared_experts=0`` in
+    the DeepSeek-V3 family) adds nothing: none."""
     shared = next((getattr(block, name) for name in ("shared_expert", "shared_experts", "shared_mlp")
                    if getattr(block, name, None) is not None), None)
+    down = getattr(shared, "down_proj", None)
+    if isinstance(down, nn.Linear) and down.in_features == 0:
+        shared = None
     return shared, getattr(block, "shared_expert_gate", None)
 
 

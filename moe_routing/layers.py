@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import os
 import sys
 import warnings
@@ -48,6 +49,18 @@ def expert_load(experts: torch.Tensor, num_experts: int,
     counts = torch.ones_like(experts) if mask is None else mask[:, None].expand_as(experts).long()
     load = torch.zeros(num_experts, dtype=torch.long, device=experts.device)
     return load.scatter_add_(0, experts.reshape(-1), counts.reshape(-1))
+
+
+def _check_sizes(owner: str, **sizes) -> None:
+    """Layer widths and counts are positive integers (a zero width would
+    divide by zero in the initialisation, a negative one fail in torch)."""
+    for name, value in sizes.items():
+        try:
+            positive = not isinstance(value, bool) and operator.index(value) >= 1
+        except TypeError:  # not an integer (numpy's integers are)
+            positive = False
+        if not positive:
+            raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
 
 
 class RouterOutput(NamedTuple):
@@ -102,6 +115,7 @@ class Router(nn.Module):
                 raise ValueError("Router: pass the fixed selection bias as bias= or fixed_bias=, "
                                  "not both")
             fixed_bias = bias
+        _check_sizes("Router", d_model=d_model, num_experts=num_experts)
         if not 1 <= k <= num_experts:
             raise ValueError(f"Router: k must be in [1, num_experts={num_experts}], got {k}")
         try:  # route's own checks of the group options, on no data
@@ -257,6 +271,7 @@ class Experts(nn.Module):
         super().__init__()
         if activation not in ("gelu", "relu", "swiglu"):
             raise ValueError(f"Experts: activation must be 'gelu', 'relu' or 'swiglu', got {activation!r}")
+        _check_sizes("Experts", num_experts=num_experts, d_model=d_model, d_hidden=d_hidden)
         self.activation = activation
         width = 2 * d_hidden if activation == "swiglu" else d_hidden
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, width))
@@ -409,6 +424,8 @@ class MoE(nn.Module):
         self.capacity_per_row, self.expert_capacity = capacity_per_row, expert_capacity
         if shared_gate and shared_hidden is None:
             raise ValueError("MoE: shared_gate needs a shared expert (shared_hidden)")
+        if shared_hidden is not None:
+            _check_sizes("MoE", shared_hidden=shared_hidden)
         # Shared expert (DeepSeek-V2/V3, Qwen2-MoE, Llama 4): one dense FFN of
         # width shared_hidden that every token passes through, its output
         # added to the routed one; with shared_gate scaled by sigmoid(x w_gate)

@@ -237,6 +237,19 @@ def test_moe_rejects_bad_options():
         mr.MoE(8, 16, 4, capacity_factor=0.0)
     with pytest.raises(ValueError, match="MoE: min_capacity must be >= 0, got -1"):
         mr.MoE(8, 16, 4, min_capacity=-1)
+    # Widths and counts: named errors (a zero width divided by zero in the
+    # initialisation, a negative one failed inside torch).
+    for args, options, message in [
+            ((8, 0, 4), {}, "Experts: d_hidden must be a positive integer, got 0"),
+            ((0, 16, 4), {}, "Router: d_model must be a positive integer, got 0"),
+            ((8, 16, 0), {}, "Router: num_experts must be a positive integer, got 0"),
+            ((8, 16.0, 4), {}, "Experts: d_hidden must be a positive integer, got 16.0"),
+            ((8, 16, 4), dict(shared_hidden=0), "MoE: shared_hidden must be a positive integer"),
+            ((8, 16, 4), dict(shared_hidden=-3), "MoE: shared_hidden must be a positive integer")]:
+        with pytest.raises(ValueError, match=message):
+            mr.MoE(*args, **options)
+    with pytest.raises(ValueError, match="Experts: d_model must be a positive integer, got -1"):
+        mr.Experts(4, -1, 16)
     for options in (dict(routing="balanced"), dict(routing="experts"), dict(capacity_factor=None)):
         with pytest.raises(ValueError, match="MoE: expert_capacity sets a token-choice layer's"):
             mr.MoE(8, 16, 4, expert_capacity=2, **options)

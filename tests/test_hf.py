@@ -540,6 +540,27 @@ def test_from_hf_rejects_what_the_layer_cannot_express():
         mrhf.from_hf(first_block("cohere2_moe", shared_expert_combination_strategy="average"))
     with pytest.raises(ValueError, match="HYV3MoE's shared expert is not three bias-free"):
         mrhf.from_hf(first_block("hy_v3", mlp_bias=True))
+    with pytest.raises(ValueError, match="Ernie4_5_MoeSparseMoeBlock with moe_norm_min=0.9 "
+                                         "can clamp the normalising sum"):
+        mrhf.from_hf(first_block("ernie4_5_moe", moe_norm_min=0.9))
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # HF's empty MLP
+@pytest.mark.parametrize("family", ["glm4_moe", "afmoe"])
+def test_zero_shared_experts_are_no_shared_expert(family):
+    """n_shared_experts=0 gives Hugging Face a zero-width shared MLP (it used
+    to raise ZeroDivisionError in from_hf)."""
+    config_class, model_class, options = CONFIGS[family]
+    zero = {"n_shared_experts": 0} if family == "glm4_moe" else {"num_shared_experts": 0}
+    config = getattr(transformers, config_class)(**{**options, **zero})
+    block = blocks(getattr(transformers, model_class)(config))[0]
+    with torch.no_grad():
+        router_weight(family, block).normal_(std=0.5)
+    moe = mrhf.from_hf(block)
+    assert moe.shared_expert is None
+    x = torch.randn(2, 7, 32)
+    torch.testing.assert_close(moe(x), block(x), rtol=1e-5, atol=1e-6)
+    mrhf.to_hf(moe, block)  # the same block: accepted
 
 
 def test_from_hf_rejects_experts_that_are_not_silu_gated():
