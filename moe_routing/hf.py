@@ -24,13 +24,17 @@ MiniMaxSparseMoeBlock,
 Qwen3_5MoeSparseMoeBlock,
 HunYuanMoEV1Moe               (HunYuan: router ``gate.wg``, shared MLP ``shared_mlp``)
 GraniteMoeMoE,                softmax over the top-k logits (= renormalised softmax top-k;
-GraniteMoeSharedMoE           router ``router``; Granite's shared MLP lies outside the block)
+GraniteMoeSharedMoE,          router ``router``; Granite's shared MLP lies outside the block)
+GraniteMoeHybridMoE
 Cohere2MoeSparseMoeBlock      the same with ``expert_selection_fn="softmax"``; sigmoid top-k
                               and ``norm_topk_prob`` with "sigmoid"; shared experts added
                               ("sum"; "average" is refused)
+Qwen3VLMoeTextSparseMoeBlock  (Qwen3-VL's text model)
 Qwen3MoeSparseMoeBlock,       softmax top-k, ``norm_topk_prob``
 OlmoeSparseMoeBlock,
-FlexOlmoSparseMoeBlock
+FlexOlmoSparseMoeBlock,
+Qwen3OmniMoeThinker-
+TextSparseMoeBlock
 Qwen2MoeSparseMoeBlock,       softmax top-k, ``norm_topk_prob``, sigmoid-gated shared expert
 Qwen3NextSparseMoeBlock
 JambaSparseMoeBlock           softmax top-k, not renormalised (router ``router``)
@@ -41,9 +45,14 @@ DeepseekV32MoE, Glm4MoeMoE,   group-limited selection (``n_group``, ``topk_group
 Glm4MoeLiteMoE, Dots1MoE,     ``norm_topk_prob``, ``routed_scaling_factor``, shared experts
 GlmMoeDsaMoE, KimiLinearMoE,  (MiMo-V2-Flash has none)
 BailingHybridMoE,
-MiMoV2FlashMoE
-Mistral4MoE                   DeepSeek-V3's groups over softmax scores, no bias,
-                              ``norm_topk_prob``, ``routed_scaling_factor``, shared experts
+MiMoV2FlashMoE,
+Glm4vMoeTextMoE,
+Glm5NextTextMoE,
+ExaoneMoeSparseMoEBlock,
+SolarOpenMoE
+Mistral4MoE,                  DeepSeek-V3's groups over softmax scores, no bias,
+MistralLarge4TextMoE          ``norm_topk_prob`` (Large 4: always), ``routed_scaling_factor``,
+                              shared experts
 DeepseekV2Moe                 softmax top-k, ``group_limited_greedy`` (groups scored by their
                               best expert: ``group_score="max"``), ``routed_scaling_factor``,
                               shared experts
@@ -196,19 +205,23 @@ _FAMILIES = {
     **{name: _Family(_top_k("softmax")) for name in (
         "MixtralSparseMoeBlock", "MiniMaxSparseMoeBlock", "Qwen3MoeSparseMoeBlock",
         "Qwen3NextSparseMoeBlock", "Qwen3_5MoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock",
-        "OlmoeSparseMoeBlock", "FlexOlmoSparseMoeBlock")},
+        "OlmoeSparseMoeBlock", "FlexOlmoSparseMoeBlock", "Qwen3VLMoeTextSparseMoeBlock",
+        "Qwen3OmniMoeThinkerTextSparseMoeBlock")},
     "HunYuanMoEV1Moe": _Family(_top_k("softmax"), weight="wg.weight"),
     "JambaSparseMoeBlock": _Family(_top_k("softmax", normalize=False), router="router"),
     # softmax over the top-k logits = renormalised softmax top-k
     "GraniteMoeMoE": _Family(_top_k("softmax", normalize=True), router="router"),
     "GraniteMoeSharedMoE": _Family(_top_k("softmax", normalize=True), router="router"),
+    "GraniteMoeHybridMoE": _Family(_top_k("softmax", normalize=True), router="router"),
     "Cohere2MoeSparseMoeBlock": _Family(_cohere2),
     "Ernie4_5_MoeSparseMoeBlock": _Family(_ernie,
                                           bias="gate.moe_statics.e_score_correction_bias"),
     **{name: _DEEPSEEK_V3 for name in (
         "DeepseekV3MoE", "DeepseekV32MoE", "Glm4MoeMoE", "Glm4MoeLiteMoE", "GlmMoeDsaMoE",
-        "Dots1MoE", "KimiLinearMoE", "BailingHybridMoE", "MiMoV2FlashMoE")},
+        "Glm4vMoeTextMoE", "Glm5NextTextMoE", "Dots1MoE", "KimiLinearMoE", "BailingHybridMoE",
+        "MiMoV2FlashMoE", "ExaoneMoeSparseMoEBlock", "SolarOpenMoE")},
     "Mistral4MoE": _Family(_grouped("softmax")),
+    "MistralLarge4TextMoE": _Family(_grouped("softmax")),
     "DeepseekV2Moe": _Family(_deepseek_v2),
     "MiniMaxM2SparseMoeBlock": _Family(_top_k("sigmoid", normalize=True),
                                        bias="e_score_correction_bias"),

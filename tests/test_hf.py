@@ -132,6 +132,23 @@ CONFIGS = {
                    num_experts_per_tok=2, num_shared_experts=1, num_dense_layers=0,
                    route_scale=1.7, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                    **COMMON)),
+    "granitemoehybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM",
+                         dict(intermediate_size=24, shared_intermediate_size=40,
+                              num_local_experts=4, num_experts_per_tok=2,
+                              layer_types=["mamba", "attention"], mamba_n_heads=4,
+                              mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8,
+                              mamba_chunk_size=8, **COMMON)),
+    "exaone_moe": ("ExaoneMoeConfig", "ExaoneMoeForCausalLM",
+                   dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8,
+                        num_experts_per_tok=2, n_group=4, topk_group=2, num_shared_experts=1,
+                        routed_scaling_factor=2.5, norm_topk_prob=True,
+                        mlp_layer_types=["sparse", "sparse"],
+                        layer_types=["full_attention", "full_attention"], pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2, **COMMON)),
+    "solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM",
+                   dict(**{k: v for k, v in GROUPED.items()
+                           if k not in ("intermediate_size", "first_k_dense_replace")},
+                        head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, **COMMON)),
 }
 FAMILIES = list(CONFIGS)
 
@@ -139,10 +156,12 @@ FAMILIES = list(CONFIGS)
 # transformers' code has them (default: gate.weight, no bias).
 ROUTER_WEIGHT = {"llama4": "router.weight", "jamba": "router.weight",
                  "granitemoe": "router.weight", "granitemoeshared": "router.weight",
+                 "granitemoehybrid": "router.weight",
                  "hunyuan_v1_moe": "gate.wg.weight", "afmoe": "router.gate.weight"}
 SELECTION_BIAS = {**{family: "gate.e_score_correction_bias" for family in (
                      "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "deepseek_v32",
-                     "kimi_linear", "bailing_hybrid", "mimo_v2_flash", "glm_moe_dsa")},
+                     "kimi_linear", "bailing_hybrid", "mimo_v2_flash", "glm_moe_dsa",
+                     "exaone_moe", "solar_open")},
                   "ernie4_5_moe": "gate.moe_statics.e_score_correction_bias",
                   "minimax_m2": "e_score_correction_bias", "hy_v3": "e_score_correction_bias",
                   "lfm2_moe": "expert_bias", "afmoe": "expert_bias"}
@@ -171,6 +190,60 @@ def tiny(family):
             if hasattr(block, "shared_expert_gate"):
                 block.shared_expert_gate.weight.normal_(std=0.5)
     return model
+
+
+# Text blocks of multimodal models, built alone from their text configs:
+# family: (block class, config class, options).
+TEXT_BLOCKS = {
+    "qwen3_vl_moe": ("Qwen3VLMoeTextSparseMoeBlock", "Qwen3VLMoeTextConfig",
+                     dict(moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2)),
+    "qwen3_omni_moe": ("Qwen3OmniMoeThinkerTextSparseMoeBlock", "Qwen3OmniMoeTextConfig",
+                       dict(moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+                            norm_topk_prob=False)),
+    "glm4v_moe": ("Glm4vMoeTextMoE", "Glm4vMoeTextConfig", GROUPED),
+    "glm5_next": ("Glm5NextTextMoE", "Glm5NextTextConfig", {**GROUPED, "norm_topk_prob": False}),
+    "mistral_large4": ("MistralLarge4TextMoE", "MistralLarge4TextConfig",
+                       {k: v for k, v in GROUPED.items() if k != "norm_topk_prob"}),
+}
+
+
+def text_block(family):
+    """The family's MoE block with random weights (float32)."""
+    import importlib
+    block_class, config_class, options = TEXT_BLOCKS[family]
+    try:
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    except ImportError:
+        pytest.skip(f"transformers {transformers.__version__} has no {family}")
+    config = getattr(module, config_class, None) or getattr(transformers, config_class)
+    torch.manual_seed(0)
+    block = getattr(module, block_class)(config(hidden_size=32, **options)).eval()
+    with torch.no_grad():  # built outside a model: nothing initialised it
+        for parameter in block.parameters():
+            parameter.normal_(std=0.2)
+        block.gate.weight.normal_(std=0.5)
+        if hasattr(block.gate, "e_score_correction_bias"):
+            block.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
+    return block
+
+
+@pytest.mark.parametrize("family", list(TEXT_BLOCKS))
+def test_from_hf_and_to_hf_on_text_blocks_of_multimodal_models(family):
+    block = text_block(family)
+    moe = mrhf.from_hf(block)
+    x = torch.randn(3, 10, 32, requires_grad=True)
+    expected, got = block(x), moe(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(expected)
+    grads_hf = torch.autograd.grad(expected, [x, block.gate.weight, block.experts.gate_up_proj], g)
+    grads = torch.autograd.grad(got, [x, moe.router.weight, moe.experts.w_in], g)
+    for ours, theirs in zip(grads, grads_hf[:2] + (grads_hf[2].transpose(1, 2),)):
+        # sums over 30 tokens of terms up to ~10 in another order
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    _perturb(moe)  # fine-tuned weights (and bias) back into the block
+    mrhf.to_hf(moe, block)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), moe(x), rtol=1e-5, atol=1e-6)
 
 
 def blocks(model):
