@@ -161,7 +161,8 @@ def _deepseek_v2(block, router):  # softmax; groups scored by their best expert
 
 def _ernie(block, router):
     """Ernie 4.5 divides by clamp(sum, min=moe_norm_min); a softmax top-k
-    sums to at least k/E, so a floor below that never applies."""
+    sums to at least k/E, so a floor up to k/2E (a margin for rounding)
+    never applies, and a higher one is refused."""
     E, k = router.weight.shape[0], router.top_k
     if getattr(router, "norm_min", 0.0) > 0.5 * k / E:
         raise ValueError(f"moe_routing.hf.from_hf: Ernie4_5_MoeSparseMoeBlock with moe_norm_min="
