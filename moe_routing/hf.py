@@ -20,16 +20,16 @@ where each class keeps its router and selection bias):
 block                         what is carried over
 ============================  ==========================================================
 MixtralSparseMoeBlock,        softmax top-k, weights renormalised
-MiniMaxSparseMoeBlock,
+MiniMaxSparseMoeBlock,        (HunYuan: router ``gate.wg``, shared MLP ``shared_mlp``)
 Qwen3_5MoeSparseMoeBlock,
-HunYuanMoEV1Moe               (HunYuan: router ``gate.wg``, shared MLP ``shared_mlp``)
+Qwen3VLMoeTextSparseMoeBlock,
+HunYuanMoEV1Moe
 GraniteMoeMoE,                softmax over the top-k logits (= renormalised softmax top-k;
 GraniteMoeSharedMoE,          router ``router``; Granite's shared MLP lies outside the block)
 GraniteMoeHybridMoE
 Cohere2MoeSparseMoeBlock      the same with ``expert_selection_fn="softmax"``; sigmoid top-k
                               and ``norm_topk_prob`` with "sigmoid"; shared experts added
                               ("sum"; "average" is refused)
-Qwen3VLMoeTextSparseMoeBlock  (Qwen3-VL's text model)
 Qwen3MoeSparseMoeBlock,       softmax top-k, ``norm_topk_prob``
 OlmoeSparseMoeBlock,
 FlexOlmoSparseMoeBlock,
@@ -128,26 +128,31 @@ from . import ops
 from .layers import MoE, _in_backward
 
 
-def _norm(router, normalize: Optional[bool]) -> bool:
-    """``normalize``, or (None) the router's ``norm_topk_prob``, renormalising
-    when it has none (Mixtral, MiniMax, Qwen3.5, HunYuan, Mistral Large 4)."""
-    return bool(getattr(router, "norm_topk_prob", True) if normalize is None else normalize)
+def _norm(router, normalize) -> bool:
+    """``normalize``: True or False, or the name of the router attribute that
+    says (``"norm_topk_prob"``), which must then exist."""
+    if isinstance(normalize, bool):
+        return normalize
+    if not hasattr(router, normalize):
+        raise ValueError(f"moe_routing.hf: {type(router).__name__} has no {normalize}: a layout "
+                         "this module does not know")
+    return bool(getattr(router, normalize))
 
 
-def _top_k(score: str, normalize: Optional[bool] = None, scale: Optional[str] = None):
+def _top_k(score: str, normalize, scale: Optional[str] = None):
     """Top-k of the softmax or sigmoid scores (plus the family's selection
-    bias, if any); ``scale``: the router attribute holding the routed scaling
-    factor."""
+    bias, if any); ``normalize`` as :func:`_norm` takes it; ``scale``: the
+    router attribute holding the routed scaling factor."""
     def options(block, router):
         return dict(score=score, normalize=_norm(router, normalize),
                     scale=float(getattr(router, scale)) if scale else 1.0)
     return options
 
 
-def _grouped(score: str):
+def _grouped(score: str, normalize="norm_topk_prob"):
     """DeepSeek-V3's group-limited top-k: groups scored by their two best."""
     def options(block, router):
-        return dict(score=score, normalize=_norm(router, None), num_groups=router.num_group,
+        return dict(score=score, normalize=_norm(router, normalize), num_groups=router.num_group,
                     topk_groups=router.topk_group, scale=float(router.routed_scaling_factor))
     return options
 
@@ -160,14 +165,15 @@ def _deepseek_v2(block, router):  # softmax; groups scored by their best expert
 
 
 def _ernie(block, router):
-    """Ernie 4.5 divides by clamp(sum, min=moe_norm_min); a softmax top-k
-    sums to at least k/E, so a floor up to k/2E (a margin for rounding)
-    never applies, and a higher one is refused."""
-    E, k = router.weight.shape[0], router.top_k
-    if getattr(router, "norm_min", 0.0) > 0.5 * k / E:
+    """Ernie 4.5 divides by clamp(sum, min=moe_norm_min), this layer by the
+    sum: they differ only where the chosen probabilities sum below the floor
+    (1e-12 in the released checkpoints). The bias can choose improbable
+    experts, so no floor is safe: one above 1e-6 is refused."""
+    floor = getattr(router, "norm_min", 0.0)
+    if floor > 1e-6:
         raise ValueError(f"moe_routing.hf.from_hf: Ernie4_5_MoeSparseMoeBlock with moe_norm_min="
-                         f"{router.norm_min} can clamp the normalising sum (at least k/E = "
-                         f"{k / E:g}), which this layer does not do")
+                         f"{floor} (above 1e-6) can clamp the normalising sum, which this layer "
+                         "does not do")
     return dict(score="softmax", normalize=True)
 
 
@@ -196,42 +202,46 @@ class _Family(NamedTuple):
     routing: Callable[[nn.Module, nn.Module], dict]
     router: str = "gate"
     weight: str = "weight"            # under the router
-    bias: Optional[str] = None        # under the block; absent attribute: no bias
+    bias: Optional[str] = None        # under the block
+    bias_optional: bool = False       # the bias may be absent (LFM2 without use_expert_bias)
     llama4_layout: bool = False       # experts [E, H, 2F] / [E, F, H], not nn.Linear's
     returns_tuple: bool = False       # forward returns (hidden_states, router_logits)
 
 
-_DEEPSEEK_V3 = _Family(_grouped("sigmoid"), bias="gate.e_score_correction_bias")
+def _each(names: str, family: _Family) -> dict:
+    return {name: family for name in names.split()}
+
+
 _FAMILIES = {
-    **{name: _Family(_top_k("softmax")) for name in (
-        "MixtralSparseMoeBlock", "MiniMaxSparseMoeBlock", "Qwen3MoeSparseMoeBlock",
-        "Qwen3NextSparseMoeBlock", "Qwen3_5MoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock",
-        "OlmoeSparseMoeBlock", "FlexOlmoSparseMoeBlock", "Qwen3VLMoeTextSparseMoeBlock",
-        "Qwen3OmniMoeThinkerTextSparseMoeBlock")},
-    "HunYuanMoEV1Moe": _Family(_top_k("softmax"), weight="wg.weight"),
-    "JambaSparseMoeBlock": _Family(_top_k("softmax", normalize=False), router="router"),
+    # softmax top-k, always renormalised (their routers have no norm_topk_prob)
+    **_each("MixtralSparseMoeBlock MiniMaxSparseMoeBlock Qwen3_5MoeSparseMoeBlock "
+            "Qwen3VLMoeTextSparseMoeBlock", _Family(_top_k("softmax", True))),
+    "HunYuanMoEV1Moe": _Family(_top_k("softmax", True), weight="wg.weight"),
+    **_each("Qwen3MoeSparseMoeBlock Qwen3NextSparseMoeBlock Qwen2MoeSparseMoeBlock "
+            "OlmoeSparseMoeBlock FlexOlmoSparseMoeBlock Qwen3OmniMoeThinkerTextSparseMoeBlock",
+            _Family(_top_k("softmax", "norm_topk_prob"))),
+    "JambaSparseMoeBlock": _Family(_top_k("softmax", False), router="router"),
     # softmax over the top-k logits = renormalised softmax top-k
-    "GraniteMoeMoE": _Family(_top_k("softmax", normalize=True), router="router"),
-    "GraniteMoeSharedMoE": _Family(_top_k("softmax", normalize=True), router="router"),
-    "GraniteMoeHybridMoE": _Family(_top_k("softmax", normalize=True), router="router"),
+    **_each("GraniteMoeMoE GraniteMoeSharedMoE GraniteMoeHybridMoE",
+            _Family(_top_k("softmax", True), router="router")),
     "Cohere2MoeSparseMoeBlock": _Family(_cohere2),
     "Ernie4_5_MoeSparseMoeBlock": _Family(_ernie,
                                           bias="gate.moe_statics.e_score_correction_bias"),
-    **{name: _DEEPSEEK_V3 for name in (
-        "DeepseekV3MoE", "DeepseekV32MoE", "Glm4MoeMoE", "Glm4MoeLiteMoE", "GlmMoeDsaMoE",
-        "Glm4vMoeTextMoE", "Glm5NextTextMoE", "Dots1MoE", "KimiLinearMoE", "BailingHybridMoE",
-        "MiMoV2FlashMoE", "ExaoneMoeSparseMoEBlock", "SolarOpenMoE")},
+    **_each("DeepseekV3MoE DeepseekV32MoE Glm4MoeMoE Glm4MoeLiteMoE GlmMoeDsaMoE Glm4vMoeTextMoE "
+            "Glm5NextTextMoE Dots1MoE KimiLinearMoE BailingHybridMoE MiMoV2FlashMoE "
+            "ExaoneMoeSparseMoEBlock SolarOpenMoE",
+            _Family(_grouped("sigmoid"), bias="gate.e_score_correction_bias")),
     "Mistral4MoE": _Family(_grouped("softmax")),
-    "MistralLarge4TextMoE": _Family(_grouped("softmax")),
+    "MistralLarge4TextMoE": _Family(_grouped("softmax", True)),
     "DeepseekV2Moe": _Family(_deepseek_v2),
-    "MiniMaxM2SparseMoeBlock": _Family(_top_k("sigmoid", normalize=True),
-                                       bias="e_score_correction_bias"),
-    "HYV3MoE": _Family(_top_k("sigmoid", normalize=True, scale="router_scaling_factor"),
+    "MiniMaxM2SparseMoeBlock": _Family(_top_k("sigmoid", True), bias="e_score_correction_bias"),
+    "HYV3MoE": _Family(_top_k("sigmoid", True, scale="router_scaling_factor"),
                        bias="e_score_correction_bias"),
-    "AfmoeSparseMoeBlock": _Family(_top_k("sigmoid", normalize=True, scale="route_scale"),
+    "AfmoeSparseMoeBlock": _Family(_top_k("sigmoid", True, scale="route_scale"),
                                    router="router", weight="gate.weight", bias="expert_bias"),
-    "Lfm2MoeSparseMoeBlock": _Family(_top_k("sigmoid", scale="routed_scaling_factor"),
-                                     bias="expert_bias"),
+    "Lfm2MoeSparseMoeBlock": _Family(_top_k("sigmoid", "norm_topk_prob",
+                                            scale="routed_scaling_factor"),
+                                     bias="expert_bias", bias_optional=True),
     "Llama4TextMoe": _Family(_llama4, router="router", llama4_layout=True, returns_tuple=True),
 }
 SUPPORTED = tuple(_FAMILIES) + ("SwitchTransformersSparseMLP",)
@@ -244,6 +254,38 @@ def _attribute(module: nn.Module, path: str):
     return module
 
 
+class _Parts(NamedTuple):
+    family: _Family
+    router: nn.Module
+    weight: torch.Tensor              # [E, H]
+    top_k: int
+    experts: nn.Module
+    bias: Optional[torch.Tensor]      # the selection bias, as the block stores it
+
+
+def _parts(block: nn.Module, caller: str) -> _Parts:
+    """The pieces of a supported block (not Switch), or a ValueError naming
+    ``caller`` when this transformers version lays the block out otherwise."""
+    name = type(block).__name__
+    family = _FAMILIES.get(name)
+    if family is None:
+        raise ValueError(f"moe_routing.hf.{caller}: unsupported block {name}; supported: "
+                         f"{', '.join(SUPPORTED)}")
+    router = _attribute(block, family.router)
+    weight = _attribute(router, family.weight)
+    # top_k sits on the router, or on the block (older Jamba, e.g. transformers 5.17).
+    top_k = getattr(router, "top_k", getattr(block, "top_k", None))
+    experts = getattr(block, "experts", None)
+    bias = _attribute(block, family.bias) if family.bias else None
+    if weight is None or top_k is None or not hasattr(experts, "gate_up_proj") or \
+            (family.bias and bias is None and not family.bias_optional):
+        wanted = f"{family.router}.{family.weight}, top_k, experts.gate_up_proj" + (
+            f", {family.bias}" if family.bias and not family.bias_optional else "")
+        raise ValueError(f"moe_routing.hf.{caller}: {name} of this transformers version lacks "
+                         f"one of {wanted}: a layout this module does not know")
+    return _Parts(family, router, weight, top_k, experts, bias)
+
+
 def _shared_mlp(block) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
     """The block's shared expert (an MLP with gate/up/down projections) and
     its gate, whichever exist. A zero-width one (``n_shared_experts=0`` in
@@ -252,7 +294,7 @@ def _shared_mlp(block) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
                    if getattr(block, name, None) is not None), None)
     down = getattr(shared, "down_proj", None)
     if isinstance(down, nn.Linear) and down.in_features == 0:
-        shared = None
+        return None, None  # its gate, if any, scales nothing
     return shared, getattr(block, "shared_expert_gate", None)
 
 
@@ -279,19 +321,7 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
     name = type(block).__name__
     if name == "SwitchTransformersSparseMLP":
         return _from_switch(block, **overrides)
-    family = _FAMILIES.get(name)
-    if family is None:
-        raise ValueError(f"moe_routing.hf.from_hf: unsupported block {name}; supported: "
-                         f"{', '.join(SUPPORTED)}")
-    router = _attribute(block, family.router)
-    weight = _attribute(router, family.weight)
-    # top_k sits on the router, or on the block (older Jamba, e.g. transformers 5.17).
-    top_k = getattr(router, "top_k", getattr(block, "top_k", None))
-    experts = getattr(block, "experts", None)
-    if weight is None or top_k is None or not hasattr(experts, "gate_up_proj"):
-        raise ValueError(f"moe_routing.hf.from_hf: {name} of this transformers version has no "
-                         f"{family.router}.{family.weight}, top_k or experts.gate_up_proj: "
-                         "a layout this module does not know")
+    family, router, weight, top_k, experts, bias = _parts(block, "from_hf")
     _check_silu(experts, f"{name}.experts")
     E, H = weight.shape
     # Llama 4 stores the expert weights as [E, H, 2F] / [E, F, H] (ours);
@@ -306,7 +336,6 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
                    # exactly); everything else in float32.
                    dtype=torch.float64 if dtype == torch.float64 else torch.float32,
                    **family.routing(block, router))
-    bias = _attribute(block, family.bias) if family.bias else None
     if bias is not None:  # Ernie 4.5 keeps it as [1, E]
         options.update(fixed_bias=bias.detach().reshape(-1))
     shared, shared_gate = _shared_mlp(block)
@@ -409,13 +438,12 @@ def to_hf(moe: MoE, block: nn.Module) -> nn.Module:
                       ("experts.w_out", expert.wo.weight, moe.experts.w_out[e].t())]
         correction = None
     else:
-        family, experts = _FAMILIES[name], block.experts
-        layout = (lambda w: w) if family.llama4_layout else (lambda w: w.transpose(1, 2))
-        pairs += [("router.weight", _attribute(_attribute(block, family.router), family.weight),
-                   router.weight),
+        parts = _parts(block, "to_hf")
+        experts, correction = parts.experts, parts.bias
+        layout = (lambda w: w) if parts.family.llama4_layout else (lambda w: w.transpose(1, 2))
+        pairs += [("router.weight", parts.weight, router.weight),
                   ("experts.w_in", experts.gate_up_proj, layout(moe.experts.w_in)),
                   ("experts.w_out", experts.down_proj, layout(moe.experts.w_out))]
-        correction = _attribute(block, family.bias) if family.bias else None
         if correction is not None and router.selection_bias() is not None:
             pairs.append(("the selection bias", correction.view(-1), router.selection_bias()))
         shared, shared_gate = _shared_mlp(block)

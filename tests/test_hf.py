@@ -558,6 +558,24 @@ def test_undo_with_copy_weights_keeps_the_fine_tuned_function(family, tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "ernie4_5_moe", "afmoe", "lfm2_moe"])
+def test_undo_writes_a_learned_balancing_bias_into_the_selection_bias(family):
+    """Fine-tuning with bias_update_rate learns a balancing bias on top of the
+    checkpoint's; undo(copy_weights=True) writes their sum into the block's
+    selection bias, so the unpatched model routes as the patched one."""
+    model = tiny(family)
+    handle = mrhf.patch(model, bias_update_rate=1e-3)
+    for _, _, replacement in handle.blocks:
+        with torch.no_grad():
+            replacement.moe.router.bias.uniform_(-0.2, 0.2)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        handle.undo(copy_weights=True)
+        assert not torch.allclose(model(input_ids=ids).logits, tiny(family)(input_ids=ids).logits)
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_to_hf_switch_and_its_errors():
     model = tiny_switch(expert_capacity=64)
     handle = mrhf.patch(model)
@@ -595,8 +613,8 @@ def test_from_hf_rejects_an_unsupported_block():
     # A supported name with a layout from another transformers version.
     unknown = type("MixtralSparseMoeBlock", (torch.nn.Module,), {})()
     unknown.gate = torch.nn.Linear(32, 4, bias=False)
-    with pytest.raises(ValueError, match="MixtralSparseMoeBlock of this transformers version has "
-                                         "no gate.weight, top_k or experts.gate_up_proj"):
+    with pytest.raises(ValueError, match="MixtralSparseMoeBlock of this transformers version "
+                                         "lacks one of gate.weight, top_k, experts.gate_up_proj"):
         mrhf.from_hf(unknown)
 
 
@@ -613,24 +631,41 @@ def test_from_hf_rejects_what_the_layer_cannot_express():
         mrhf.from_hf(first_block("cohere2_moe", shared_expert_combination_strategy="average"))
     with pytest.raises(ValueError, match="HYV3MoE's shared expert is not three bias-free"):
         mrhf.from_hf(first_block("hy_v3", mlp_bias=True))
-    with pytest.raises(ValueError, match="Ernie4_5_MoeSparseMoeBlock with moe_norm_min=0.9 "
-                                         "can clamp the normalising sum"):
-        mrhf.from_hf(first_block("ernie4_5_moe", moe_norm_min=0.9))
+    with pytest.raises(ValueError, match=r"Ernie4_5_MoeSparseMoeBlock with moe_norm_min=0.001 "
+                                         r"\(above 1e-6\) can clamp the normalising sum"):
+        mrhf.from_hf(first_block("ernie4_5_moe", moe_norm_min=1e-3))
+    # A block laid out otherwise (here without its selection bias or its
+    # router): a named error from both directions.
+    block = first_block("deepseek_v3")
+    del block.gate.e_score_correction_bias
+    with pytest.raises(ValueError, match="from_hf: DeepseekV3MoE of this transformers version "
+                                         "lacks one of gate.weight, top_k, experts.gate_up_proj, "
+                                         "gate.e_score_correction_bias"):
+        mrhf.from_hf(block)
+    block = first_block("mixtral")
+    moe = mrhf.from_hf(block)
+    del block.gate
+    with pytest.raises(ValueError, match="to_hf: MixtralSparseMoeBlock of this transformers "
+                                         "version lacks one of gate.weight"):
+        mrhf.to_hf(moe, block)
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # HF's empty MLP
-@pytest.mark.parametrize("family", ["glm4_moe", "afmoe"])
-def test_zero_shared_experts_are_no_shared_expert(family):
-    """n_shared_experts=0 gives Hugging Face a zero-width shared MLP (it used
-    to raise ZeroDivisionError in from_hf)."""
+@pytest.mark.parametrize("family, zero", [("glm4_moe", "n_shared_experts"),
+                                          ("afmoe", "num_shared_experts"),
+                                          ("qwen2_moe", "shared_expert_intermediate_size")])
+def test_zero_shared_experts_are_no_shared_expert(family, zero):
+    """No shared expert gives Hugging Face a zero-width shared MLP (it used
+    to raise ZeroDivisionError in from_hf; Qwen2-MoE's gate then scales
+    nothing)."""
     config_class, model_class, options = CONFIGS[family]
-    zero = {"n_shared_experts": 0} if family == "glm4_moe" else {"num_shared_experts": 0}
+    zero = {zero: 0}
     config = getattr(transformers, config_class)(**{**options, **zero})
     block = blocks(getattr(transformers, model_class)(config))[0]
     with torch.no_grad():
         router_weight(family, block).normal_(std=0.5)
     moe = mrhf.from_hf(block)
-    assert moe.shared_expert is None
+    assert moe.shared_expert is None and moe.shared_gate is None
     x = torch.randn(2, 7, 32)
     torch.testing.assert_close(moe(x), block(x), rtol=1e-5, atol=1e-6)
     mrhf.to_hf(moe, block)  # the same block: accepted
