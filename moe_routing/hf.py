@@ -188,7 +188,7 @@ def _cohere2(block, router):
                          "'sum': the layer adds its shared expert)")
     if router.expert_selection_fn == "softmax":
         return dict(score="softmax", normalize=True)
-    return dict(score="sigmoid", normalize=bool(router.norm_topk_prob))
+    return dict(score="sigmoid", normalize=_norm(router, "norm_topk_prob"))
 
 
 def _llama4(block, router):  # top-k of the logits = top-k of their sigmoid
@@ -206,6 +206,11 @@ class _Family(NamedTuple):
     bias_optional: bool = False       # the bias may be absent (LFM2 without use_expert_bias)
     llama4_layout: bool = False       # experts [E, H, 2F] / [E, F, H], not nn.Linear's
     returns_tuple: bool = False       # forward returns (hidden_states, router_logits)
+
+    def experts_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """An expert weight of the block in this layer's layout, or one of
+        this layer's in the block's: the map is its own inverse."""
+        return weight if self.llama4_layout else weight.transpose(1, 2)
 
 
 def _each(names: str, family: _Family) -> dict:
@@ -324,10 +329,8 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
     family, router, weight, top_k, experts, bias = _parts(block, "from_hf")
     _check_silu(experts, f"{name}.experts")
     E, H = weight.shape
-    # Llama 4 stores the expert weights as [E, H, 2F] / [E, F, H] (ours);
-    # the others as nn.Linear weights, [E, 2F, H] / [E, H, F].
-    w_in = experts.gate_up_proj if family.llama4_layout else experts.gate_up_proj.transpose(1, 2)
-    w_out = experts.down_proj if family.llama4_layout else experts.down_proj.transpose(1, 2)
+    w_in = family.experts_layout(experts.gate_up_proj)
+    w_out = family.experts_layout(experts.down_proj)
     F_hidden = w_out.shape[1]
     dtype, device = experts.gate_up_proj.dtype, experts.gate_up_proj.device
     options = dict(capacity_factor=None, activation="swiglu", aux_loss_weight=0.0,
@@ -422,9 +425,6 @@ def to_hf(moe: MoE, block: nn.Module) -> nn.Module:
     reads it: a host synchronisation). Every shape is checked before
     anything is written. Returns ``block``."""
     name = type(block).__name__
-    if name not in SUPPORTED:
-        raise ValueError(f"moe_routing.hf.to_hf: unsupported block {name}; supported: "
-                         f"{', '.join(SUPPORTED)}")
     router = moe.router
     pairs = []  # (what, destination in the block, source from the MoE in the block's layout)
     if name == "SwitchTransformersSparseMLP":
@@ -440,7 +440,7 @@ def to_hf(moe: MoE, block: nn.Module) -> nn.Module:
     else:
         parts = _parts(block, "to_hf")
         experts, correction = parts.experts, parts.bias
-        layout = (lambda w: w) if parts.family.llama4_layout else (lambda w: w.transpose(1, 2))
+        layout = parts.family.experts_layout
         pairs += [("router.weight", parts.weight, router.weight),
                   ("experts.w_in", experts.gate_up_proj, layout(moe.experts.w_in)),
                   ("experts.w_out", experts.down_proj, layout(moe.experts.w_out))]
