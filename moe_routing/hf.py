@@ -71,6 +71,12 @@ Lfm2MoeSparseMoeBlock         sigmoid scores, the block's ``expert_bias`` (when
 Llama4TextMoe                 top-k of the logits, sigmoid weights applied to the expert's
                               input (``scale_inputs``), shared expert; its experts store
                               ``gate_up_proj`` [E, H, 2F] and ``down_proj`` [E, F, H]
+GptOssMLP                     top-k of the logits of a router with a bias (``logit_bias``),
+                              softmax over them (= renormalised softmax top-k); experts
+                              with biases (``expert_bias``) and GPT-OSS's clamped SwiGLU
+                              (``activation="swiglu_oai"``, the block's ``alpha`` and
+                              ``limit``), ``gate_up_proj`` [E, H, 2F] with gate and up
+                              columns interleaved (this layer keeps the gates first)
 SwitchTransformersSparseMLP   top-1 softmax, weight = top-1 probability, capacity
                               ``expert_capacity`` per batch row in token order
                               (``capacity_per_row``; dropless on transformers 5.0-5.17,
@@ -86,9 +92,7 @@ PhiMoE (sparsemixer), Nemotron-H (non-gated experts behind latent
 projections), Laguna (soft-capped router logits), MiniMax-M3-VL (a
 non-SwiGLU shared MLP), LongCat-Flash (zero-computation experts),
 DeepSeek-V4 (hash-routed layers), JetMoE (its own expert layout). Nor
-GPT-OSS (its experts have biases and a clamped, interleaved
-SwiGLU, which the bias-free experts of :class:`MoE` do not express: a bias
-would also turn empty capacity rows non-zero) nor NLLB-MoE (biased experts,
+NLLB-MoE (biased ReLU experts,
 and transformers 5.24's ``NllbMoeExperts`` one-hot-encodes the 0/1 top-1 mask,
 so only experts 0 and 1 run; its router is reproduced exactly by
 ``MoE(k=2, normalize=False, priority="choice" or "batch",
@@ -204,13 +208,30 @@ class _Family(NamedTuple):
     weight: str = "weight"            # under the router
     bias: Optional[str] = None        # under the block
     bias_optional: bool = False       # the bias may be absent (LFM2 without use_expert_bias)
-    llama4_layout: bool = False       # experts [E, H, 2F] / [E, F, H], not nn.Linear's
+    # The experts' weights: "linear" (nn.Linear's [E, 2F, H] / [E, H, F]),
+    # "transposed" ([E, H, 2F] / [E, F, H], Llama 4) or "gpt_oss" (transposed,
+    # gate and up columns interleaved, biases, a clamped SwiGLU).
+    layout: str = "linear"
+    router_bias: bool = False         # the router adds its ``bias`` [E] to the logits
     returns_tuple: bool = False       # forward returns (hidden_states, router_logits)
 
-    def experts_layout(self, weight: torch.Tensor) -> torch.Tensor:
-        """An expert weight of the block in this layer's layout, or one of
-        this layer's in the block's: the map is its own inverse."""
-        return weight if self.llama4_layout else weight.transpose(1, 2)
+    def from_block(self, tensor: torch.Tensor, gate_up: bool = False) -> torch.Tensor:
+        """An expert weight or bias of the block in this layer's layout
+        (``gate_up``: ``gate_up_proj`` or its bias)."""
+        if self.layout == "linear" and tensor.dim() == 3:
+            tensor = tensor.transpose(1, 2)
+        if self.layout == "gpt_oss" and gate_up:  # gate, up, gate, up ... -> gates, then ups
+            tensor = torch.cat([tensor[..., ::2], tensor[..., 1::2]], dim=-1)
+        return tensor
+
+    def to_block(self, tensor: torch.Tensor, gate_up: bool = False) -> torch.Tensor:
+        """The inverse of :meth:`from_block`."""
+        if self.layout == "gpt_oss" and gate_up:
+            half = tensor.shape[-1] // 2
+            tensor = torch.stack([tensor[..., :half], tensor[..., half:]], dim=-1).flatten(-2)
+        if self.layout == "linear" and tensor.dim() == 3:
+            tensor = tensor.transpose(1, 2)
+        return tensor
 
 
 def _each(names: str, family: _Family) -> dict:
@@ -247,7 +268,10 @@ _FAMILIES = {
     "Lfm2MoeSparseMoeBlock": _Family(_top_k("sigmoid", "norm_topk_prob",
                                             scale="routed_scaling_factor"),
                                      bias="expert_bias", bias_optional=True),
-    "Llama4TextMoe": _Family(_llama4, router="router", llama4_layout=True, returns_tuple=True),
+    "Llama4TextMoe": _Family(_llama4, router="router", layout="transposed", returns_tuple=True),
+    # top-k of the logits (with the router's bias), softmax over them
+    "GptOssMLP": _Family(_top_k("softmax", True), router="router", layout="gpt_oss",
+                         router_bias=True, returns_tuple=True),
 }
 SUPPORTED = tuple(_FAMILIES) + ("SwitchTransformersSparseMLP",)
 
@@ -268,6 +292,11 @@ class _Parts(NamedTuple):
     bias: Optional[torch.Tensor]      # the selection bias, as the block stores it
 
 
+# What a GPT-OSS block's router and experts hold besides the weights.
+_GPT_OSS_PARTS = ("router.bias", "experts.gate_up_proj_bias", "experts.down_proj_bias",
+                  "experts.alpha", "experts.limit")
+
+
 def _parts(block: nn.Module, caller: str) -> _Parts:
     """The pieces of a supported block (not Switch), or a ValueError naming
     ``caller`` when this transformers version lays the block out otherwise."""
@@ -282,10 +311,13 @@ def _parts(block: nn.Module, caller: str) -> _Parts:
     top_k = getattr(router, "top_k", getattr(block, "top_k", None))
     experts = getattr(block, "experts", None)
     bias = _attribute(block, family.bias) if family.bias else None
+    gpt_oss = _GPT_OSS_PARTS if family.layout == "gpt_oss" else ()
     if weight is None or top_k is None or not hasattr(experts, "gate_up_proj") or \
-            (family.bias and bias is None and not family.bias_optional):
+            (family.bias and bias is None and not family.bias_optional) or \
+            any(_attribute(block, path) is None for path in gpt_oss):
         wanted = f"{family.router}.{family.weight}, top_k, experts.gate_up_proj" + (
-            f", {family.bias}" if family.bias and not family.bias_optional else "")
+            f", {family.bias}" if family.bias and not family.bias_optional else "") + "".join(
+            f", {path}" for path in gpt_oss)
         raise ValueError(f"moe_routing.hf.{caller}: {name} of this transformers version lacks "
                          f"one of {wanted}: a layout this module does not know")
     return _Parts(family, router, weight, top_k, experts, bias)
@@ -327,13 +359,16 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
     if name == "SwitchTransformersSparseMLP":
         return _from_switch(block, **overrides)
     family, router, weight, top_k, experts, bias = _parts(block, "from_hf")
-    _check_silu(experts, f"{name}.experts")
+    gpt_oss = family.layout == "gpt_oss"
+    if not gpt_oss:
+        _check_silu(experts, f"{name}.experts")
     E, H = weight.shape
-    w_in = family.experts_layout(experts.gate_up_proj)
-    w_out = family.experts_layout(experts.down_proj)
+    w_in = family.from_block(experts.gate_up_proj, gate_up=True)
+    w_out = family.from_block(experts.down_proj)
     F_hidden = w_out.shape[1]
     dtype, device = experts.gate_up_proj.dtype, experts.gate_up_proj.device
-    options = dict(capacity_factor=None, activation="swiglu", aux_loss_weight=0.0,
+    options = dict(capacity_factor=None, activation="swiglu_oai" if gpt_oss else "swiglu",
+                   expert_bias=gpt_oss, logit_bias=family.router_bias, aux_loss_weight=0.0,
                    z_loss_weight=0.0,
                    # float64 models route in float64 (so tests can compare
                    # exactly); everything else in float32.
@@ -356,6 +391,12 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
         moe.router.weight.copy_(weight)
         moe.experts.w_in.copy_(w_in)
         moe.experts.w_out.copy_(w_out)
+        if family.router_bias:
+            moe.router.logit_bias.copy_(router.bias)
+        if gpt_oss:
+            moe.experts.b_in.copy_(family.from_block(experts.gate_up_proj_bias, gate_up=True))
+            moe.experts.b_out.copy_(experts.down_proj_bias)
+            moe.experts.alpha, moe.experts.limit = float(experts.alpha), float(experts.limit)
         if shared is not None:
             moe.shared_expert.w_in.copy_(torch.cat([shared.gate_proj.weight.t(),
                                                     shared.up_proj.weight.t()], 1)[None])
@@ -436,14 +477,26 @@ def to_hf(moe: MoE, block: nn.Module) -> nn.Module:
             expert = block.experts[f"expert_{e}"]
             pairs += [("experts.w_in", expert.wi.weight, moe.experts.w_in[e].t()),
                       ("experts.w_out", expert.wo.weight, moe.experts.w_out[e].t())]
-        correction = None
+        correction, holds_biases = None, False
     else:
         parts = _parts(block, "to_hf")
-        experts, correction = parts.experts, parts.bias
-        layout = parts.family.experts_layout
+        experts, correction, family = parts.experts, parts.bias, parts.family
+        holds_biases = family.layout == "gpt_oss"  # GPT-OSS's router and experts have biases
         pairs += [("router.weight", parts.weight, router.weight),
-                  ("experts.w_in", experts.gate_up_proj, layout(moe.experts.w_in)),
-                  ("experts.w_out", experts.down_proj, layout(moe.experts.w_out))]
+                  ("experts.w_in", experts.gate_up_proj,
+                   family.to_block(moe.experts.w_in, gate_up=True)),
+                  ("experts.w_out", experts.down_proj, family.to_block(moe.experts.w_out))]
+        if family.router_bias and router.logit_bias is not None:
+            pairs.append(("router.logit_bias", parts.router.bias, router.logit_bias))
+        if family.layout == "gpt_oss":
+            if moe.experts.b_in is None or moe.experts.activation != "swiglu_oai" or \
+                    (moe.experts.alpha, moe.experts.limit) != (experts.alpha, experts.limit):
+                raise ValueError(f"moe_routing.hf.to_hf: the MoE's experts are not {name}'s "
+                                 "(biased, swiglu_oai with its alpha and limit): not the block "
+                                 "this MoE was made from")
+            pairs += [("experts.b_in", experts.gate_up_proj_bias,
+                       family.to_block(moe.experts.b_in, gate_up=True)),
+                      ("experts.b_out", experts.down_proj_bias, moe.experts.b_out)]
         if correction is not None and router.selection_bias() is not None:
             pairs.append(("the selection bias", correction.view(-1), router.selection_bias()))
         shared, shared_gate = _shared_mlp(block)
@@ -467,6 +520,19 @@ def to_hf(moe: MoE, block: nn.Module) -> nn.Module:
     if correction is None and router.bias is not None and bool(router.bias.any()):
         raise ValueError(f"moe_routing.hf.to_hf: the MoE learned a balancing bias, which {name} "
                          "cannot hold (it has no selection bias)")
+    # Biases the block has no place for must be zero (this reads them).
+    homeless = [("router.logit_bias", router.logit_bias, holds_biases)]
+    for expert in (moe.experts, moe.shared_expert):
+        if expert is not None:
+            homeless += [("experts.b_in", expert.b_in, holds_biases and expert is moe.experts),
+                         ("experts.b_out", expert.b_out, holds_biases and expert is moe.experts)]
+    for what, bias, held in homeless:
+        if bias is None and held:
+            raise ValueError(f"moe_routing.hf.to_hf: the MoE has no {what}, which {name} "
+                             "holds: not the block this MoE was made from")
+        if bias is not None and not held and bool(bias.any()):
+            raise ValueError(f"moe_routing.hf.to_hf: the MoE has a non-zero {what}, which "
+                             f"{name} cannot hold")
     with torch.no_grad():
         for _, destination, source in pairs:
             destination.copy_(source)

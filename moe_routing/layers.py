@@ -73,6 +73,9 @@ class RouterOutput(NamedTuple):
 class Router(nn.Module):
     """Linear router: logits = x W^T in ``dtype`` (float32 by default, whatever
     the activations: selective precision), then :func:`moe_routing.route`.
+    ``logit_bias=True`` adds a learned ``logit_bias`` [E] to the logits
+    (GPT-OSS's router; zeros at first): unlike the selection bias below it
+    changes the scores and the weights too.
 
     Training-only perturbations (eval is deterministic):
       * ``jitter`` = eps: the router's copy of the input is multiplied by
@@ -108,7 +111,7 @@ class Router(nn.Module):
                  scale: float = 1.0, jitter: float = 0.0, noise: Optional[str] = None,
                  bias_update_rate: float = 0.0, dtype: torch.dtype = torch.float32,
                  fixed_bias: Optional[torch.Tensor] = None, group_score: str = "top2",
-                 bias: Optional[torch.Tensor] = None):
+                 bias: Optional[torch.Tensor] = None, logit_bias: bool = False):
         super().__init__()
         if bias is not None:
             if fixed_bias is not None:
@@ -138,6 +141,8 @@ class Router(nn.Module):
         self.dtype = dtype
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, dtype=dtype))
         nn.init.normal_(self.weight, std=1.0 / math.sqrt(d_model))
+        self.logit_bias = (
+            nn.Parameter(torch.zeros(num_experts, dtype=dtype)) if logit_bias else None)
         self.noise_weight = (
             nn.Parameter(torch.zeros(num_experts, d_model, dtype=dtype)) if noise == "learned" else None
         )
@@ -169,7 +174,8 @@ class Router(nn.Module):
             h = x.to(self.dtype)
             if self.training and self.jitter > 0:
                 h = h * torch.empty_like(h).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            logits = F.linear(h, self.weight.to(self.dtype))
+            logit_bias = None if self.logit_bias is None else self.logit_bias.to(self.dtype)
+            logits = F.linear(h, self.weight.to(self.dtype), logit_bias)
             if self.training and self.noise == "gaussian":
                 logits = logits + torch.randn_like(logits) / self.num_experts
             elif self.training and self.noise == "learned":
@@ -260,41 +266,87 @@ class Router(nn.Module):
 
 class Experts(nn.Module):
     """E independent feed-forward networks run as batched matrix products on
-    the [E, C, d_model] buffer. No biases (as in Switch, Mixtral, DeepSeek), so
-    the zero rows of unfilled capacity stay zero. ``activation``: "gelu",
-    "relu" or "swiglu" (silu(x W_gate) * (x W_up)). Weights: ``w_in``
-    [E, d_model, d_hidden] and ``w_out`` [E, d_hidden, d_model]; with
-    "swiglu" ``w_in`` is [E, d_model, 2 * d_hidden], W_gate's columns first,
-    then W_up's."""
+    the [E, C, d_model] buffer (or as grouped products on the packed dropless
+    layout). ``activation``:
+      * "gelu", "relu": act(x W_in) W_out;
+      * "swiglu": (silu(x W_gate) * (x W_up)) W_out (Mixtral, Qwen, DeepSeek);
+      * "swiglu_oai": GPT-OSS's clamped SwiGLU, ((u + 1) * g * sigmoid(alpha * g)) W_out
+        with g = min(x W_gate, limit) and u = clamp(x W_up, -limit, limit);
+        ``alpha`` (1.702) and ``limit`` (7.0) are attributes of the module.
+    Weights: ``w_in`` [E, d_model, d_hidden] and ``w_out`` [E, d_hidden, d_model];
+    with a gated activation ``w_in`` is [E, d_model, 2 * d_hidden], W_gate's
+    columns first, then W_up's. ``bias=True`` adds ``b_in`` [E, width of w_in]
+    and ``b_out`` [E, d_model] (GPT-OSS; zeros at first). Without biases (Switch,
+    Mixtral, DeepSeek) an unfilled capacity row's output is zero; with them it
+    is not, but combine never reads such a row, so nothing changes."""
 
-    def __init__(self, num_experts: int, d_model: int, d_hidden: int, activation: str = "gelu"):
+    def __init__(self, num_experts: int, d_model: int, d_hidden: int, activation: str = "gelu",
+                 *, bias: bool = False, alpha: float = 1.702, limit: float = 7.0):
         super().__init__()
-        if activation not in ("gelu", "relu", "swiglu"):
-            raise ValueError(f"Experts: activation must be 'gelu', 'relu' or 'swiglu', got {activation!r}")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"Experts: activation must be one of {', '.join(map(repr, _ACTIVATIONS))}, "
+                             f"got {activation!r}")
         _check_sizes("Experts", num_experts=num_experts, d_model=d_model, d_hidden=d_hidden)
+        if not limit > 0:
+            raise ValueError(f"Experts: limit must be > 0, got {limit}")
         self.activation = activation
-        width = 2 * d_hidden if activation == "swiglu" else d_hidden
+        self.alpha, self.limit = float(alpha), float(limit)
+        width = 2 * d_hidden if activation in ("swiglu", "swiglu_oai") else d_hidden
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, width))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
         nn.init.uniform_(self.w_in, -1 / math.sqrt(d_model), 1 / math.sqrt(d_model))
         nn.init.uniform_(self.w_out, -1 / math.sqrt(d_hidden), 1 / math.sqrt(d_hidden))
+        self.b_in = nn.Parameter(torch.zeros(num_experts, width)) if bias else None
+        self.b_out = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
 
     def forward(self, buffer: torch.Tensor) -> torch.Tensor:
         """buffer: [E, C, d_model] -> [E, C, d_model]."""
-        h = torch.bmm(buffer, self.w_in.to(buffer.dtype))
-        return torch.bmm(self._activate(h), self.w_out.to(buffer.dtype))
+        h = self._product(buffer, self.w_in, self.b_in)
+        return self._product(self._activate(h), self.w_out, self.b_out)
+
+    def _product(self, buffer, weight, bias):
+        weight = weight.to(buffer.dtype)
+        if bias is None:
+            return torch.bmm(buffer, weight)
+        return torch.baddbmm(bias.to(buffer.dtype)[:, None, :], buffer, weight)
 
     def forward_packed(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Dropless: rows [R, d_model] packed by expert (``counts`` [E] rows
         each, as plan(capacity=None) lays them out) -> [R, d_model]."""
         # Under autocast grouped_mm casts like torch.bmm (csrc/autocast.cpp).
-        h = ops.grouped_mm(rows, self.w_in.to(rows.dtype), counts)
-        return ops.grouped_mm(self._activate(h), self.w_out.to(rows.dtype), counts)
+        h = self._packed_product(rows, self.w_in, self.b_in, counts)
+        return self._packed_product(self._activate(h), self.w_out, self.b_out, counts)
+
+    @staticmethod
+    def _packed_product(rows, weight, bias, counts):
+        out = ops.grouped_mm(rows, weight.to(rows.dtype), counts)
+        if bias is None:
+            return out
+        # Each row's expert's bias, as a grouped product of a column of ones
+        # with the [E, 1, width] bias: its backward sums each expert's rows in
+        # a fixed order (indexing the bias by row would accumulate its
+        # gradient with atomics on CUDA), and rows past sum(counts) get zeros.
+        ones = torch.ones(rows.shape[0], 1, dtype=out.dtype, device=rows.device)
+        return out + ops.grouped_mm(ones, bias.to(out.dtype)[:, None, :], counts)
 
     def _activate(self, h: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":  # one fused pass; saves h alone for backward
             return ops.swiglu(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], h.shape[-1] // 2)
+        if self.activation == "swiglu_oai":  # GPT-OSS's order of operations
+            gate, up = h.chunk(2, dim=-1)
+            gate = gate.clamp(max=self.limit)
+            up = up.clamp(min=-self.limit, max=self.limit)
+            return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
         return F.gelu(h) if self.activation == "gelu" else F.relu(h)
+
+    def extra_repr(self) -> str:
+        E, d_model, _ = self.w_in.shape
+        extra = f", alpha={self.alpha}, limit={self.limit}" if self.activation == "swiglu_oai" else ""
+        return (f"num_experts={E}, d_model={d_model}, d_hidden={self.w_out.shape[1]}, "
+                f"activation={self.activation!r}, bias={self.b_in is not None}{extra}")
+
+
+_ACTIVATIONS = ("gelu", "relu", "swiglu", "swiglu_oai")
 
 
 class MoE(nn.Module):
@@ -333,8 +385,10 @@ class MoE(nn.Module):
         more than its share of a small batch); no load-balancing loss is needed (the
         z-loss still applies); ``load``/``kept`` count each expert's tokens and
         ``dropped_fraction`` is the share of valid tokens no expert took.
+    ``activation`` and ``expert_bias`` (biases in both products, GPT-OSS)
+    shape the experts: see :class:`Experts`.
     ``shared_hidden``: a shared expert, a dense FFN of that width (same
-    activation) run on every token and added to the routed output (DeepSeek,
+    activation and biases) run on every token and added to the routed output (DeepSeek,
     Qwen2-MoE, Llama 4); ``shared_gate=True`` scales it per token by
     ``sigmoid(x w)`` (Qwen2-MoE). Padding tokens get its output too (their
     outputs are ignored anyway).
@@ -362,7 +416,7 @@ class MoE(nn.Module):
     experts are sharded (this rank holds E/W of them); see
     :mod:`moe_routing.parallel`.
     ``router_options`` go to :class:`Router` (score, normalize, jitter, noise,
-    bias_update_rate, fixed_bias, num_groups, ...).
+    bias_update_rate, fixed_bias, logit_bias, num_groups, ...).
     """
 
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int = 1, *,
@@ -374,7 +428,7 @@ class MoE(nn.Module):
                  shared_gate: bool = False, scale_inputs: bool = False,
                  renormalize_after_drop: bool = False, capacity_per_row: bool = False,
                  expert_capacity: Optional[int] = None, expert_parallel=None,
-                 **router_options):
+                 expert_bias: bool = False, **router_options):
         super().__init__()
         if routing not in ("tokens", "experts", "balanced"):
             raise ValueError(
@@ -407,7 +461,7 @@ class MoE(nn.Module):
                                       d_model=d_model, d_hidden=d_hidden,
                                       capacity_factor=capacity_factor, routing=routing)
         local = num_experts if self._ep is None else self._ep.num_local
-        self.experts = Experts(local, d_model, d_hidden, activation)
+        self.experts = Experts(local, d_model, d_hidden, activation, bias=expert_bias)
         self.d_model = d_model
         if (scale_inputs or renormalize_after_drop) and routing != "tokens":
             raise ValueError("MoE: scale_inputs and renormalize_after_drop need routing='tokens'")
@@ -430,7 +484,7 @@ class MoE(nn.Module):
         # width shared_hidden that every token passes through, its output
         # added to the routed one; with shared_gate scaled by sigmoid(x w_gate)
         # per token (Qwen2-MoE).
-        self.shared_expert = (Experts(1, d_model, shared_hidden, activation)
+        self.shared_expert = (Experts(1, d_model, shared_hidden, activation, bias=expert_bias)
                               if shared_hidden is not None else None)
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_gate else None
         self.aux_loss: Optional[torch.Tensor] = None

@@ -231,8 +231,11 @@ def test_moe_rejects_bad_options():
         mr.MoE(8, 16, 4, routing="hash")
     with pytest.raises(ValueError, match="MoE: priority must be"):
         mr.MoE(8, 16, 4, priority="fastest")
-    with pytest.raises(ValueError, match="Experts: activation must be"):
+    with pytest.raises(ValueError, match="Experts: activation must be one of 'gelu', 'relu', "
+                                         "'swiglu', 'swiglu_oai', got 'tanh'"):
         mr.MoE(8, 16, 4, activation="tanh")
+    with pytest.raises(ValueError, match="Experts: limit must be > 0, got 0"):
+        mr.Experts(4, 8, 16, "swiglu_oai", limit=0)
     with pytest.raises(ValueError, match="MoE: capacity factors must be > 0"):
         mr.MoE(8, 16, 4, capacity_factor=0.0)
     with pytest.raises(ValueError, match="MoE: min_capacity must be >= 0, got -1"):

@@ -31,13 +31,18 @@ def _make_pair(world, rank, group, E, k, H=8, Fh=16, seed=0, dead_expert=False, 
     if dead_expert:  # expert 0 is never chosen: inputs are positive, its row negative
         with torch.no_grad():
             ref.router.weight[0] = -1.0
+    with torch.no_grad():  # biases (GPT-OSS's) start at zero: make them matter
+        for bias in (ref.router.logit_bias, ref.experts.b_in, ref.experts.b_out):
+            if bias is not None:
+                bias.normal_()
     ep = mr.MoE(H, Fh, E, k, expert_parallel=group, **options)
     El = E // world
     assert ep.experts.w_in.shape == (El, H, ep.experts.w_in.shape[-1])
     assert ep.experts.w_out.shape == (El, Fh, H)
     sd = {name: t for name, t in ref.state_dict().items()}
-    for name in ("experts.w_in", "experts.w_out"):
-        sd[name] = sd[name][rank * El:(rank + 1) * El]
+    for name in sd:
+        if name.startswith("experts."):  # weights and biases, [E, ...] each
+            sd[name] = sd[name][rank * El:(rank + 1) * El]
     ep.load_state_dict(sd)
     return ref, ep
 
@@ -124,6 +129,12 @@ CASES_2 = [
          options=dict(capacity_factor=1.25, scale_inputs=True)),
     dict(name="k=E dropless", E=4, k=4, options=dict(capacity_factor=None)),
     dict(name="k=E capacity", E=4, k=4, options=dict(capacity_factor=1.0)),
+    dict(name="GPT-OSS biases dropless + padding", E=4, k=2, padding=True,
+         options=dict(capacity_factor=None, activation="swiglu_oai", expert_bias=True,
+                      logit_bias=True)),
+    dict(name="GPT-OSS biases capacity drops", E=4, k=2, T=16,
+         options=dict(capacity_factor=0.5, min_capacity=1, activation="swiglu_oai",
+                      expert_bias=True, logit_bias=True)),
 ]
 
 CASES_4 = [

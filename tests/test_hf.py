@@ -149,6 +149,11 @@ CONFIGS = {
                    dict(**{k: v for k, v in GROUPED.items()
                            if k not in ("intermediate_size", "first_k_dense_replace")},
                         head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, **COMMON)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+                     layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+                     rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2, **COMMON)),
 }
 FAMILIES = list(CONFIGS)
 
@@ -157,7 +162,8 @@ FAMILIES = list(CONFIGS)
 ROUTER_WEIGHT = {"llama4": "router.weight", "jamba": "router.weight",
                  "granitemoe": "router.weight", "granitemoeshared": "router.weight",
                  "granitemoehybrid": "router.weight",
-                 "hunyuan_v1_moe": "gate.wg.weight", "afmoe": "router.gate.weight"}
+                 "hunyuan_v1_moe": "gate.wg.weight", "afmoe": "router.gate.weight",
+                 "gpt_oss": "router.weight"}
 SELECTION_BIAS = {**{family: "gate.e_score_correction_bias" for family in (
                      "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "deepseek_v32",
                      "kimi_linear", "bailing_hybrid", "mimo_v2_flash", "glm_moe_dsa",
@@ -165,6 +171,17 @@ SELECTION_BIAS = {**{family: "gate.e_score_correction_bias" for family in (
                   "ernie4_5_moe": "gate.moe_statics.e_score_correction_bias",
                   "minimax_m2": "e_score_correction_bias", "hy_v3": "e_score_correction_bias",
                   "lfm2_moe": "expert_bias", "afmoe": "expert_bias"}
+# Parameters Hugging Face initialises to zeros or too small to matter, made
+# random: (path, std). GPT-OSS: the router's and experts' biases, and expert
+# weights large enough that the SwiGLU's clamps at +-limit (7) act.
+RANDOMISED = {"gpt_oss": [("router.bias", 0.5), ("experts.gate_up_proj", 1.5),
+                          ("experts.gate_up_proj_bias", 1.0), ("experts.down_proj_bias", 0.5)]}
+
+
+def deinterleaved(gate_up):
+    """GPT-OSS's gate_up_proj (or its bias, or a gradient of either) with the
+    gate columns (even) first, then the up columns (odd): this layer's w_in."""
+    return torch.cat([gate_up[..., 0::2], gate_up[..., 1::2]], dim=-1)
 
 
 def router_weight(family, block):
@@ -189,6 +206,8 @@ def tiny(family):
                 operator.attrgetter(SELECTION_BIAS[family])(block).uniform_(-0.1, 0.1)
             if hasattr(block, "shared_expert_gate"):
                 block.shared_expert_gate.weight.normal_(std=0.5)
+            for path, std in RANDOMISED.get(family, []):
+                operator.attrgetter(path)(block).normal_(std=std)
     return model
 
 
@@ -258,8 +277,12 @@ def test_from_hf_block_equals_the_block_outputs_and_gradients(family):
     expected = block(x)
     if isinstance(expected, tuple):  # Llama 4: (hidden_states, router_logits)
         expected = expected[0].view(x.shape)
-    llama4 = family == "llama4"
-    layout = (lambda w: w) if llama4 else (lambda w: w.transpose(1, 2))
+    # This layer's w_in [E, H, 2F] and w_out [E, F, H] from the block's layout.
+    layout_in = layout_out = lambda w: w.transpose(1, 2)  # nn.Linear's [E, 2F, H] / [E, H, F]
+    if family == "llama4":
+        layout_in = layout_out = lambda w: w
+    if family == "gpt_oss":
+        layout_in, layout_out = deinterleaved, (lambda w: w)
     got = moe(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(expected)
@@ -268,10 +291,11 @@ def test_from_hf_block_equals_the_block_outputs_and_gradients(family):
                    block.experts.down_proj], g)
     grad_x, grad_router, grad_in, grad_out = torch.autograd.grad(
         got, [x, moe.router.weight, moe.experts.w_in, moe.experts.w_out], g)
-    torch.testing.assert_close(grad_x, grad_x_hf, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad_router, grad_router_hf, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad_in, layout(grad_up_hf), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad_out, layout(grad_down_hf), rtol=1e-5, atol=1e-6)
+    for ours, theirs in [(grad_x, grad_x_hf), (grad_router, grad_router_hf),
+                         (grad_in, layout_in(grad_up_hf)), (grad_out, layout_out(grad_down_hf))]:
+        # Float32 sums over the tokens in another order: an error relative to
+        # the gradient's scale (GPT-OSS's larger weights give larger ones).
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6 * max(1.0, theirs.abs().max()))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -605,6 +629,55 @@ def test_to_hf_switch_and_its_errors():
         mrhf.to_hf(biased, wrong)
     with pytest.raises(ValueError, match="moe_routing.hf.to_hf: unsupported block Linear"):
         mrhf.to_hf(biased, torch.nn.Linear(2, 2))
+
+
+def test_gpt_oss_biases_and_its_alpha_and_limit_are_carried_over():
+    """GPT-OSS's router bias and expert biases (gradients too, in the block's
+    interleaved layout), a non-default alpha and limit, and the clamps at work."""
+    block = blocks(tiny("gpt_oss"))[0]
+    block.experts.alpha, block.experts.limit = 1.25, 3.0
+    moe = mrhf.from_hf(block)
+    assert (moe.experts.alpha, moe.experts.limit) == (1.25, 3.0)
+    x = torch.randn(3, 10, 32, requires_grad=True)
+    gate_up = x.detach().reshape(-1, 32) @ block.experts.gate_up_proj + \
+        block.experts.gate_up_proj_bias[:, None]
+    assert (gate_up[..., 0::2] > 3).any() and (gate_up[..., 1::2].abs() > 3).any()
+    expected, got = block(x)[0], moe(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(expected)
+    theirs = torch.autograd.grad(expected, [block.router.bias, block.experts.gate_up_proj_bias,
+                                            block.experts.down_proj_bias], g)
+    ours = torch.autograd.grad(got, [moe.router.logit_bias, moe.experts.b_in, moe.experts.b_out], g)
+    for a, b in zip(ours, (theirs[0], deinterleaved(theirs[1]), theirs[2])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(b.abs().max())))
+    # Trained with drops, the same weights: a capacity layer on the same experts.
+    dropping = mrhf.from_hf(block, capacity_factor=0.5)
+    dropping(x)
+    assert dropping.stats["dropped_fraction"] > 0
+    # A MoE whose experts are not the block's is refused, and writes nothing.
+    before = block.router.bias.clone()
+    unbiased_router = mr.MoE(32, 24, 4, 2, activation="swiglu_oai", expert_bias=True)
+    unbiased_router.experts.alpha, unbiased_router.experts.limit = 1.25, 3.0
+    with pytest.raises(ValueError, match="to_hf: the MoE has no router.logit_bias, which "
+                                         "GptOssMLP holds"):
+        mrhf.to_hf(unbiased_router, block)
+    with pytest.raises(ValueError, match="the MoE's experts are not GptOssMLP's"):
+        mrhf.to_hf(mr.MoE(32, 24, 4, 2, activation="swiglu", expert_bias=True, logit_bias=True),
+                   block)
+    assert torch.equal(block.router.bias, before)
+
+
+def test_to_hf_refuses_biases_a_block_cannot_hold():
+    block = tiny("mixtral").model.layers[0].mlp
+    for options, what in [(dict(expert_bias=True), "experts.b_in"),
+                          (dict(logit_bias=True), "router.logit_bias")]:
+        moe = mrhf.from_hf(block, **options)
+        mrhf.to_hf(moe, block)  # zero biases: nothing lost
+        with torch.no_grad():
+            (moe.experts.b_in if what == "experts.b_in" else moe.router.logit_bias).fill_(0.1)
+        with pytest.raises(ValueError, match=f"to_hf: the MoE has a non-zero {what}, which "
+                                             "MixtralSparseMoeBlock cannot hold"):
+            mrhf.to_hf(moe, block)
 
 
 def test_from_hf_rejects_an_unsupported_block():

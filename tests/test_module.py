@@ -10,10 +10,27 @@ import moe_routing as mr
 from moe_routing import reference as ref
 
 
+def reference_activation(experts: mr.Experts, h: torch.Tensor) -> torch.Tensor:
+    """The activations written out from their papers (GPT-OSS's from its model card)."""
+    if experts.activation in ("swiglu", "swiglu_oai"):
+        gate, up = h[..., :h.shape[-1] // 2], h[..., h.shape[-1] // 2:]
+        if experts.activation == "swiglu":
+            return gate * torch.sigmoid(gate) * up
+        limit = torch.tensor(experts.limit, dtype=h.dtype)
+        gate = torch.minimum(gate, limit)
+        up = torch.maximum(torch.minimum(up, limit), -limit)
+        return gate * torch.sigmoid(experts.alpha * gate) * (up + 1)
+    return F.gelu(h) if experts.activation == "gelu" else torch.maximum(h, torch.zeros_like(h))
+
+
 def reference_experts(moe: mr.MoE, rows: torch.Tensor) -> torch.Tensor:
     """Each expert's FFN applied to every row, [E, R, d]: a dense stand-in."""
-    h = torch.einsum("rd,edf->erf", rows, moe.experts.w_in)
-    return torch.einsum("erf,efd->erd", moe.experts._activate(h), moe.experts.w_out)
+    experts = moe.experts
+    h = torch.einsum("rd,edf->erf", rows, experts.w_in)
+    if experts.b_in is not None:
+        h = h + experts.b_in[:, None]
+    out = torch.einsum("erf,efd->erd", reference_activation(experts, h), experts.w_out)
+    return out if experts.b_out is None else out + experts.b_out[:, None]
 
 
 def reference_moe(moe: mr.MoE, x: torch.Tensor, mask=None):
@@ -23,7 +40,7 @@ def reference_moe(moe: mr.MoE, x: torch.Tensor, mask=None):
     tokens = x.reshape(-1, d)
     valid = None if mask is None else mask.reshape(-1)
     T, E, k = tokens.shape[0], moe.num_experts, moe.k
-    logits = F.linear(tokens.float(), moe.router.weight)
+    logits = F.linear(tokens.float(), moe.router.weight, moe.router.logit_bias)
     weights, experts, scores = ref.route(logits, k, score=moe.router.score,
                                          normalize=moe.router.normalize, scale=moe.router.scale)
     factor = moe.capacity_factor if moe.training or moe.eval_capacity_factor is None else moe.eval_capacity_factor
@@ -86,6 +103,60 @@ def test_gradients_match_reference_moe(factor, routing):
     grads_ref = [x.grad] + [p.grad for p in moe.parameters()]
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def gpt_oss_like(factor):
+    """A GPT-OSS-shaped layer (biased router and experts, clamped SwiGLU) with
+    random biases and expert weights large enough for the clamps to act."""
+    torch.manual_seed(0)
+    moe = mr.MoE(16, 24, 8, 2, capacity_factor=factor, activation="swiglu_oai",
+                 expert_bias=True, logit_bias=True)
+    with torch.no_grad():
+        moe.experts.w_in.mul_(12)
+        for bias in (moe.router.logit_bias, moe.experts.b_in, moe.experts.b_out):
+            bias.normal_()
+    return moe
+
+
+@pytest.mark.parametrize("factor", [None, 1.0])
+def test_gpt_oss_layer_matches_reference_outputs_and_gradients(factor):
+    moe = gpt_oss_like(factor)
+    x = torch.randn(3, 13, 16, requires_grad=True)
+    mask = torch.rand(3, 13) > 0.2
+    h = torch.einsum("td,edf->etf", x.detach().reshape(-1, 16), moe.experts.w_in) + moe.experts.b_in[:, None]
+    assert (h[..., :24] > 7).any() and (h[..., 24:] < -7).any() and (h[..., 24:] > 7).any()
+    y = moe(x, mask)
+    grads = torch.autograd.grad((y.square().sum() + moe.aux_loss), [x, *moe.parameters()])
+    y_ref, aux_ref, load, kept = reference_moe(moe, x, mask)
+    grads_ref = torch.autograd.grad((y_ref.square().sum() + aux_ref), [x, *moe.parameters()])
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(moe.stats["kept"], kept)
+    names = ["x"] + [name for name, _ in moe.named_parameters()]
+    assert {"router.logit_bias", "experts.b_in", "experts.b_out"} <= set(names)
+    for name, a, b in zip(names, grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(b.abs().max())),
+                                   msg=name)
+    if factor is not None:  # choices were dropped: the reference adds no b_out for them
+        assert moe.stats["dropped_fraction"] > 0
+
+
+def test_swiglu_oai_hand_values():
+    """GPT-OSS's activation at hand-computed points: (u + 1) * g * sigmoid(1.702 g),
+    g = min(gate, 7), u = clamp(up, -7, 7); no gradient through a clamp."""
+    import math
+    experts = mr.Experts(1, 2, 4, "swiglu_oai")
+    gate = torch.tensor([1.0, -2.0, 9.0, 0.5], dtype=torch.float64, requires_grad=True)
+    up = torch.tensor([0.0, 3.0, 1.0, -10.0], dtype=torch.float64, requires_grad=True)
+    out = experts._activate(torch.cat([gate, up]))
+
+    def sigmoid(v):
+        return 1 / (1 + math.exp(-v))
+    expected = [1.0 * sigmoid(1.702), -2.0 * sigmoid(-3.404) * 4.0,
+                7.0 * sigmoid(1.702 * 7) * 2.0, 0.5 * sigmoid(0.851) * -6.0]
+    torch.testing.assert_close(out, torch.tensor(expected, dtype=torch.float64))
+    out.sum().backward()
+    assert gate.grad[2] == 0 and up.grad[3] == 0  # clamped: gate above 7, up below -7
+    assert gate.grad[0] != 0 and up.grad[0] != 0
 
 
 def test_batch_priority_ranks_by_raw_top1_probability_like_nllb_moe():

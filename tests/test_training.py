@@ -31,6 +31,10 @@ CONFIGS = {
     "score": dict(k=2, priority="score", capacity_factor=0.75),
     "batch": dict(k=2, priority="batch", capacity_factor=0.75),
     "dropless": dict(k=2, capacity_factor=None, activation="swiglu"),
+    # GPT-OSS's biased router and experts with its clamped SwiGLU, dropless and not.
+    "gpt_oss": dict(k=2, capacity_factor=None, activation="swiglu_oai", expert_bias=True,
+                    logit_bias=True),
+    "gpt_oss_capacity": dict(k=2, activation="swiglu_oai", expert_bias=True, logit_bias=True),
     "experts": dict(k=2, routing="experts", capacity_factor=1.0),
     "noise": dict(k=2, noise="gaussian", jitter=0.1),
     "bias_update": dict(k=2, score="sigmoid", bias_update_rate=0.01, num_groups=2, topk_groups=2),
