@@ -181,6 +181,7 @@ class Router(nn.Module):
             elif self.training and self.noise == "learned":
                 logits = logits + torch.randn_like(logits) * F.softplus(
                     F.linear(h, self.noise_weight.to(self.dtype)))
+        self._check_bias_unchanged_since_forward()
         routing = ops.route(logits, self.k, score=self.score, normalize=self.normalize,
                             bias=self.selection_bias(), num_groups=self.num_groups,
                             topk_groups=self.topk_groups, scale=self.scale,
@@ -188,6 +189,26 @@ class Router(nn.Module):
         if self.training and self.bias is not None and not _in_backward():
             self._count_load(routing.experts, mask)
         return RouterOutput(*routing, logits)
+
+    def _check_bias_unchanged_since_forward(self) -> None:
+        """A re-run of the forward by activation checkpointing must select the
+        experts the forward selected, so with the same selection bias: a bias
+        changed in between (update_bias() before backward, a state_dict
+        load) would make the gradients those of another routing, silently.
+        The biases' version counters (bumped by every in-place change; no
+        data is read) are recorded by each forward and compared by a re-run
+        with those of the latest forward. Compiled code re-runs no Python."""
+        if torch.compiler.is_compiling():
+            return
+        versions = tuple(b._version for b in (self.bias, self.fixed_bias) if b is not None)
+        if not _in_backward():
+            self._forward_bias_versions = versions
+        elif versions != getattr(self, "_forward_bias_versions", versions):
+            raise RuntimeError(
+                "Router: the selection bias changed between a forward and its re-run by "
+                "activation checkpointing in backward (update_bias() or a load before "
+                "backward?), so the re-run would route differently and give wrong gradients; "
+                "call update_bias() after backward (after optimizer.step())")
 
     def selection_bias(self) -> Optional[torch.Tensor]:
         """The bias route() adds to the scores for selection: the updated

@@ -193,6 +193,35 @@ class _Callable(nn.Module):
         return self.fn(ids)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("change", ["update_bias", "load_state_dict"])
+def test_bias_changed_between_forward_and_checkpointed_backward_raises(reentrant, change):
+    """The re-run in backward would route with the new bias and give the
+    gradients of another routing: an error instead. After backward the same
+    change is the normal training loop, and a second forward before backward
+    (gradient accumulation) is fine."""
+    torch.manual_seed(0)
+    moe = mr.MoE(D, F_HIDDEN, E, 2, bias_update_rate=0.5, score="sigmoid")
+    x = torch.randn(12, D, requires_grad=True)
+    y = checkpoint(moe, x, use_reentrant=reentrant)
+    if change == "update_bias":
+        moe.update_bias()
+    else:
+        state = moe.state_dict()
+        state["router.bias"] = torch.full((E,), 0.25)
+        moe.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="Router: the selection bias changed between a forward "
+                                           "and its re-run by activation checkpointing"):
+        y.sum().backward()
+    x.grad = None
+    moe.zero_grad()
+    for _ in range(2):
+        loss = sum(checkpoint(moe, x, use_reentrant=reentrant).sum() for _ in range(2))
+        loss.backward()
+        moe.update_bias()
+    assert moe.router.bias.abs().sum() > 0 and x.grad is not None
+
+
 def test_reentrant_checkpointing_warns_that_the_aux_loss_is_lost():
     torch.manual_seed(0)
     model = TinyLM(dict(k=2), layers=1, checkpointing="reentrant")
