@@ -139,6 +139,34 @@ def test_module_is_bitwise_deterministic_and_compiles():
     torch.testing.assert_close(compiled(x), y1, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("capacity_factor", [1.25, None], ids=["token_choice", "dropless"])
+def test_gpt_oss_layer_matches_cpu_and_is_bitwise_deterministic(capacity_factor):
+    """Router and expert biases and the clamped SwiGLU (the dropless layout
+    adds the biases with a grouped_mm of a column of ones): CUDA equals the
+    CPU layer (float32, no TF32) and two CUDA runs agree bitwise."""
+    torch.manual_seed(0)
+    moe = mr.MoE(64, 96, 8, 2, capacity_factor=capacity_factor, activation="swiglu_oai",
+                 expert_bias=True, logit_bias=True)
+    with torch.no_grad():
+        moe.experts.w_in.mul_(20)  # large enough for the clamps at +-7 to act
+        for bias in (moe.router.logit_bias, moe.experts.b_in, moe.experts.b_out):
+            bias.normal_()
+    on_gpu = copy.deepcopy(moe).cuda()
+    x = torch.randn(4, 33, 64)
+
+    def run(layer, x):
+        x = x.clone().requires_grad_()
+        y = layer(x)
+        grads = torch.autograd.grad(y.square().mean() + layer.aux_loss, [x, *layer.parameters()])
+        return [y, *grads]
+
+    expected = run(moe, x)
+    first, second = run(on_gpu, x.cuda()), run(on_gpu, x.cuda())
+    for a, b, c in zip(first, second, expected):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a.cpu(), c, rtol=1e-4, atol=1e-4 * max(1.0, float(c.detach().abs().max())))
+
+
 # --- CUDA graphs ---------------------------------------------------------------
 #
 # The capture recipe (README, "CUDA graphs"): warm up on a side stream, set the

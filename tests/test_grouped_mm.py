@@ -11,9 +11,12 @@ from conftest import (FLOAT_DTYPES, assert_close_to_exact_on, grouped_mm_abs_ter
 
 def sample_inputs(device, requires_grad=False, dtype=torch.float32):
     """(x, weight, counts) on device: empty experts, unused tail rows, one
-    expert, none (made on the CPU: the same values on every device)."""
+    expert, none, and H = 1 (how Experts adds its per-expert biases on the
+    packed layout: a column of ones times [E, 1, F]); made on the CPU, so the
+    same values on every device."""
     for R, H, F, counts in [(0, 4, 3, [0, 0]), (7, 5, 3, [7]), (20, 8, 6, [4, 0, 9]),
-                            (64, 16, 32, [10, 0, 0, 20, 30, 0, 2, 1]), (9, 3, 2, [0, 0, 0])]:
+                            (64, 16, 32, [10, 0, 0, 20, 30, 0, 2, 1]), (9, 3, 2, [0, 0, 0]),
+                            (13, 1, 24, [5, 0, 6])]:
         x = torch.randn(R, H).to(dtype)
         weight = torch.randn(len(counts), H, F).to(dtype)
         yield (on(device, x).requires_grad_(requires_grad), on(device, weight).requires_grad_(requires_grad),
