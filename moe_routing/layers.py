@@ -195,20 +195,26 @@ class Router(nn.Module):
         experts the forward selected, so with the same selection bias: a bias
         changed in between (update_bias() before backward, a state_dict
         load) would make the gradients those of another routing, silently.
-        The biases' version counters (bumped by every in-place change; no
-        data is read) are recorded by each forward and compared by a re-run
-        with those of the latest forward. Compiled code re-runs no Python."""
-        if torch.compiler.is_compiling():
+        Each training forward records which bias tensors it used and their
+        version counters (bumped by every in-place change; no data is read),
+        and a re-run compares them with the latest training forward's: a
+        change followed by another training forward before the backward is
+        not caught. Compiled code re-runs no Python."""
+        if torch.compiler.is_compiling() or not self.training:
             return
-        versions = tuple(b._version for b in (self.bias, self.fixed_bias) if b is not None)
+        state = tuple((id(b), b._version) for b in (self.bias, self.fixed_bias) if b is not None)
         if not _in_backward():
-            self._forward_bias_versions = versions
-        elif versions != getattr(self, "_forward_bias_versions", versions):
+            self._forward_bias_state = state
+        elif state != getattr(self, "_forward_bias_state", state):
             raise RuntimeError(
                 "Router: the selection bias changed between a forward and its re-run by "
                 "activation checkpointing in backward (update_bias() or a load before "
                 "backward?), so the re-run would route differently and give wrong gradients; "
                 "call update_bias() after backward (after optimizer.step())")
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("logit_bias", None)  # pickled before logit_bias existed
 
     def selection_bias(self) -> Optional[torch.Tensor]:
         """The bias route() adds to the scores for selection: the updated
@@ -293,7 +299,9 @@ class Experts(nn.Module):
       * "swiglu": (silu(x W_gate) * (x W_up)) W_out (Mixtral, Qwen, DeepSeek);
       * "swiglu_oai": GPT-OSS's clamped SwiGLU, ((u + 1) * g * sigmoid(alpha * g)) W_out
         with g = min(x W_gate, limit) and u = clamp(x W_up, -limit, limit);
-        ``alpha`` (1.702) and ``limit`` (7.0) are attributes of the module.
+        ``alpha`` (1.702) and ``limit`` (7.0); :class:`MoE` takes them as
+        ``swiglu_alpha`` and ``swiglu_limit``. Like the widths they are
+        constructor arguments, not part of the state dict.
     Weights: ``w_in`` [E, d_model, d_hidden] and ``w_out`` [E, d_hidden, d_model];
     with a gated activation ``w_in`` is [E, d_model, 2 * d_hidden], W_gate's
     columns first, then W_up's. ``bias=True`` adds ``b_in`` [E, width of w_in]
@@ -319,6 +327,13 @@ class Experts(nn.Module):
         nn.init.uniform_(self.w_out, -1 / math.sqrt(d_hidden), 1 / math.sqrt(d_hidden))
         self.b_in = nn.Parameter(torch.zeros(num_experts, width)) if bias else None
         self.b_out = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # Pickled before biases and the clamped SwiGLU existed.
+        for name, default in (("b_in", None), ("b_out", None), ("alpha", 1.702), ("limit", 7.0)):
+            if name not in self._parameters:
+                self.__dict__.setdefault(name, default)
 
     def forward(self, buffer: torch.Tensor) -> torch.Tensor:
         """buffer: [E, C, d_model] -> [E, C, d_model]."""
@@ -406,8 +421,9 @@ class MoE(nn.Module):
         more than its share of a small batch); no load-balancing loss is needed (the
         z-loss still applies); ``load``/``kept`` count each expert's tokens and
         ``dropped_fraction`` is the share of valid tokens no expert took.
-    ``activation`` and ``expert_bias`` (biases in both products, GPT-OSS)
-    shape the experts: see :class:`Experts`.
+    ``activation``, ``expert_bias`` (biases in both products, GPT-OSS) and
+    ``swiglu_alpha``/``swiglu_limit`` (of ``activation="swiglu_oai"``) shape
+    the experts: see :class:`Experts`.
     ``shared_hidden``: a shared expert, a dense FFN of that width (same
     activation and biases) run on every token and added to the routed output (DeepSeek,
     Qwen2-MoE, Llama 4); ``shared_gate=True`` scales it per token by
@@ -449,7 +465,8 @@ class MoE(nn.Module):
                  shared_gate: bool = False, scale_inputs: bool = False,
                  renormalize_after_drop: bool = False, capacity_per_row: bool = False,
                  expert_capacity: Optional[int] = None, expert_parallel=None,
-                 expert_bias: bool = False, **router_options):
+                 expert_bias: bool = False, swiglu_alpha: float = 1.702,
+                 swiglu_limit: float = 7.0, **router_options):
         super().__init__()
         if routing not in ("tokens", "experts", "balanced"):
             raise ValueError(
@@ -482,7 +499,8 @@ class MoE(nn.Module):
                                       d_model=d_model, d_hidden=d_hidden,
                                       capacity_factor=capacity_factor, routing=routing)
         local = num_experts if self._ep is None else self._ep.num_local
-        self.experts = Experts(local, d_model, d_hidden, activation, bias=expert_bias)
+        expert_options = dict(bias=expert_bias, alpha=swiglu_alpha, limit=swiglu_limit)
+        self.experts = Experts(local, d_model, d_hidden, activation, **expert_options)
         self.d_model = d_model
         if (scale_inputs or renormalize_after_drop) and routing != "tokens":
             raise ValueError("MoE: scale_inputs and renormalize_after_drop need routing='tokens'")
@@ -505,7 +523,7 @@ class MoE(nn.Module):
         # width shared_hidden that every token passes through, its output
         # added to the routed one; with shared_gate scaled by sigmoid(x w_gate)
         # per token (Qwen2-MoE).
-        self.shared_expert = (Experts(1, d_model, shared_hidden, activation, bias=expert_bias)
+        self.shared_expert = (Experts(1, d_model, shared_hidden, activation, **expert_options)
                               if shared_hidden is not None else None)
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_gate else None
         self.aux_loss: Optional[torch.Tensor] = None

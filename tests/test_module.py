@@ -140,6 +140,34 @@ def test_gpt_oss_layer_matches_reference_outputs_and_gradients(factor):
         assert moe.stats["dropped_fraction"] > 0
 
 
+def test_modules_pickled_before_the_gpt_oss_options_still_run():
+    """A whole MoE pickled (torch.save(model)) by a version without
+    logit_bias, expert biases, alpha and limit unpickles and runs as before."""
+    import pickle
+    torch.manual_seed(0)
+    moe = mr.MoE(8, 16, 4, 2, activation="swiglu")
+    x = torch.randn(5, 8)
+    expected = moe(x)
+    old = copy.deepcopy(moe)
+    del old.router.__dict__["logit_bias"]
+    for name in ("b_in", "b_out", "alpha", "limit"):
+        del old.experts.__dict__[name]
+    loaded = pickle.loads(pickle.dumps(old))
+    assert loaded.router.logit_bias is None and loaded.experts.b_in is None
+    assert torch.equal(loaded(x), expected)
+
+
+def test_swiglu_alpha_and_limit_reach_the_routed_and_shared_experts():
+    moe = mr.MoE(8, 16, 4, 2, activation="swiglu_oai", shared_hidden=8, swiglu_alpha=1.25,
+                 swiglu_limit=3.0)
+    for experts in (moe.experts, moe.shared_expert):
+        assert (experts.alpha, experts.limit) == (1.25, 3.0)
+        h = torch.tensor([5.0, -1.0, -5.0, 0.5] * 2 + [0.0] * 8)  # gates, then ups (width 16)
+        expected = reference_activation(experts, h)
+        assert expected[0] == 3.0 * torch.sigmoid(torch.tensor(1.25 * 3.0))  # clamped at 3
+        torch.testing.assert_close(experts._activate(h), expected)
+
+
 def test_swiglu_oai_hand_values():
     """GPT-OSS's activation at hand-computed points: (u + 1) * g * sigmoid(1.702 g),
     g = min(gate, 7), u = clamp(up, -7, 7); no gradient through a clamp."""

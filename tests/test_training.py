@@ -194,22 +194,28 @@ class _Callable(nn.Module):
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-@pytest.mark.parametrize("change", ["update_bias", "load_state_dict"])
+@pytest.mark.parametrize("change", ["update_bias", "update_bias, eval forward", "load_state_dict",
+                                    "load_state_dict(assign=True)"])
 def test_bias_changed_between_forward_and_checkpointed_backward_raises(reentrant, change):
     """The re-run in backward would route with the new bias and give the
-    gradients of another routing: an error instead. After backward the same
-    change is the normal training loop, and a second forward before backward
-    (gradient accumulation) is fine."""
+    gradients of another routing: an error instead (also when an eval
+    forward came in between, or the bias tensor was replaced). After backward
+    the same change is the normal training loop, and a second forward before
+    backward (gradient accumulation) is fine."""
     torch.manual_seed(0)
     moe = mr.MoE(D, F_HIDDEN, E, 2, bias_update_rate=0.5, score="sigmoid")
     x = torch.randn(12, D, requires_grad=True)
     y = checkpoint(moe, x, use_reentrant=reentrant)
-    if change == "update_bias":
+    if change.startswith("update_bias"):
         moe.update_bias()
+        if change.endswith("eval forward"):
+            with torch.no_grad():
+                moe.eval()(x)
+            moe.train()
     else:
         state = moe.state_dict()
         state["router.bias"] = torch.full((E,), 0.25)
-        moe.load_state_dict(state)
+        moe.load_state_dict(state, assign=change.endswith("(assign=True)"))
     with pytest.raises(RuntimeError, match="Router: the selection bias changed between a forward "
                                            "and its re-run by activation checkpointing"):
         y.sum().backward()
