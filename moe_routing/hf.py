@@ -13,8 +13,9 @@ model in place.
 transformers is an optional dependency: this module imports nothing from it.
 Supported blocks (transformers 5.x layout: a router with ``weight`` [E, H]
 and ``top_k``, ``experts`` with ``gate_up_proj`` [E, 2F, H] and
-``down_proj`` [E, H, F], SiLU gating; the table ``_FAMILIES`` below says
-where each class keeps its router and selection bias):
+``down_proj`` [E, H, F], SiLU gating, unless the table says otherwise; the
+table ``_FAMILIES`` below says where each class keeps its router, selection
+bias and expert weights):
 
 ============================  ==========================================================
 block                         what is carried over
@@ -26,40 +27,61 @@ Qwen3VLMoeTextSparseMoeBlock,
 HunYuanMoEV1Moe
 GraniteMoeMoE,                softmax over the top-k logits (= renormalised softmax top-k;
 GraniteMoeSharedMoE,          router ``router``; Granite's shared MLP lies outside the block)
-GraniteMoeHybridMoE
+GraniteMoeHybridMoE,
+GraniteMoeSWAMoE
 Cohere2MoeSparseMoeBlock      the same with ``expert_selection_fn="softmax"``; sigmoid top-k
                               and ``norm_topk_prob`` with "sigmoid"; shared experts added
                               ("sum"; "average" is refused)
+AriaTextMoELayer              Granite's routing, shared experts; its experts store
+                              ``gate_up_proj`` [E, H, 2F] and ``down_proj`` [E, F, H]
+DbrxFFN                       softmax top-k, divided by the weights' 1-norm
+                              (``moe_normalize_expert_weights=1``: renormalised) or not
+                              (None; other p-norms are refused); router ``router.layer``,
+                              experts ``experts.mlp``'s ``w1`` (gate), ``v1`` (up) and
+                              ``w2`` (down), each [E*F, H]
 Qwen3MoeSparseMoeBlock,       softmax top-k, ``norm_topk_prob``
 OlmoeSparseMoeBlock,
 FlexOlmoSparseMoeBlock,
+MellumSparseMoeBlock,
 Qwen3OmniMoeThinker-
 TextSparseMoeBlock
 Qwen2MoeSparseMoeBlock,       softmax top-k, ``norm_topk_prob``, sigmoid-gated shared expert
-Qwen3NextSparseMoeBlock
+Qwen3NextSparseMoeBlock,
+Qwen3OmniMoeTalker-
+TextSparseMoeBlock,
+Qwen4ExpTextSparseMoeBlock
+LaraMiniSparseMoeBlock        softmax top-k, ``norm_topk_prob``, shared expert (no gate)
+FlintSparseMoeBlock           sigmoid top-k, ``norm_topk_prob``, shared expert (no gate)
 JambaSparseMoeBlock           softmax top-k, not renormalised (router ``router``)
 Ernie4_5_MoeSparseMoeBlock    softmax scores, ``moe_statics.e_score_correction_bias`` as
                               ``fixed_bias`` (selection only), renormalised, shared experts
 DeepseekV3MoE,                sigmoid scores, ``e_score_correction_bias`` as ``fixed_bias``,
 DeepseekV32MoE, Glm4MoeMoE,   group-limited selection (``n_group``, ``topk_group``),
 Glm4MoeLiteMoE, Dots1MoE,     ``norm_topk_prob``, ``routed_scaling_factor``, shared experts
-GlmMoeDsaMoE, KimiLinearMoE,  (MiMo-V2-Flash has none)
-BailingHybridMoE,
+GlmMoeDsaMoE, KimiLinearMoE,  (MiMo-V2-Flash and Beam have none; Beam keeps
+BailingHybridMoE,             ``routed_scaling_factor`` on the block)
 MiMoV2FlashMoE,
 Glm4vMoeTextMoE,
 Glm5NextTextMoE,
 ExaoneMoeSparseMoEBlock,
-SolarOpenMoE
+SolarOpenMoE,
+Dots3NoteTextMoE, BeamMoE
+AXK2MoE                       the same without groups (A.X-K2-Light; ``n_group`` is
+                              refused, see below)
 Mistral4MoE,                  DeepSeek-V3's groups over softmax scores, no bias,
 MistralLarge4TextMoE          ``norm_topk_prob`` (Large 4: always), ``routed_scaling_factor``,
                               shared experts
-DeepseekV2Moe                 softmax top-k, ``group_limited_greedy`` (groups scored by their
-                              best expert: ``group_score="max"``), ``routed_scaling_factor``,
-                              shared experts
+DeepseekV2Moe,                softmax top-k, ``group_limited_greedy`` (groups scored by their
+DeepseekOcr2TextMoe,          best expert: ``group_score="max"``), ``routed_scaling_factor``,
+UnlimitedOcrTextMoe           shared experts
 MiniMaxM2SparseMoeBlock,      sigmoid scores, the block's ``e_score_correction_bias`` as
-HYV3MoE                       ``fixed_bias``, renormalised; HY-V3: ``router_scaling_factor``,
-                              shared experts (added in the model's dtype, where
-                              ``enable_moe_fp32_combine`` adds in float32)
+HYV3MoE, Dots3NoteVisionMoE   ``fixed_bias``, renormalised; HY-V3 and dots3's vision:
+                              ``router_scaling_factor``; HY-V3: shared experts (added in
+                              the model's dtype, where ``enable_moe_fp32_combine`` adds in
+                              float32)
+Step3p7SparseMoeBlock         the same with the router's ``e_score_correction_bias``, the
+                              block's ``routed_scaling_factor`` and a shared expert; layers
+                              whose SwiGLU clamps (``swiglu_limits``) are refused
 AfmoeSparseMoeBlock           sigmoid scores, the block's ``expert_bias`` as ``fixed_bias``,
                               renormalised, ``route_scale``, shared experts (router
                               ``router.gate``)
@@ -77,6 +99,8 @@ GptOssMLP                     top-k of the logits of a router with a bias (``log
                               (``activation="swiglu_oai"``, the block's ``alpha`` and
                               ``limit``), ``gate_up_proj`` [E, H, 2F] with gate and up
                               columns interleaved (this layer keeps the gates first)
+OpenAIPrivacyFilterMLP        the same with gate and up columns concatenated (it divides
+                              the weights by k and multiplies the experts' sum by k)
 SwitchTransformersSparseMLP   top-1 softmax, weight = top-1 probability, capacity
                               ``expert_capacity`` per batch row in token order
                               (``capacity_per_row``; dropless on transformers 5.0-5.17,
@@ -91,7 +115,22 @@ Not supported either (their routing or experts are not this layer's):
 PhiMoE (sparsemixer), Nemotron-H (non-gated experts behind latent
 projections), Laguna (soft-capped router logits), MiniMax-M3-VL (a
 non-SwiGLU shared MLP), LongCat-Flash (zero-computation experts),
-DeepSeek-V4 (hash-routed layers), JetMoE (its own expert layout). Nor
+DeepSeek-V4 (hash-routed layers), JetMoE (its own expert layout),
+A.X-K1 (an RMSNorm on the block's output), HY-V4 and HY-V4-VL (a SwiGLU
+clamped at ``swiglu_limit`` without GPT-OSS's alpha and +1), Inkling
+(router-weighted shared experts: their sigmoid scores join the top-k
+normalisation), Inkling2 and Inkling2-Loop (a tanh-soft-capped SwiGLU),
+Kolibri-1 (its selection bias is added to the logits, before the sigmoid),
+MuseSpark (experts behind latent projections and norms, a norm after each
+expert), ZAYA (an MLP router carrying state from layer to layer, a skip
+expert), ERNIE 4.5 VL's sparse blocks (a parent block splits the tokens
+between text and vision experts by modality and reads their flattened
+outputs and router logits), Gemma 4 and DiffusionGemma (router and experts
+inside the decoder layer, no block to swap; the router reads its own
+normalised input, not the experts', and scales each expert's weight), A.X-K2
+with expert groups (excluded groups' scores are set to 0, not -inf, so their
+experts can still be chosen over negatively biased ones), Step-3.7's clamped
+layers. Nor
 NLLB-MoE (biased ReLU experts,
 and transformers 5.24's ``NllbMoeExperts`` one-hot-encodes the 0/1 top-1 mask,
 so only experts 0 and 1 run; its router is reproduced exactly by
@@ -110,8 +149,12 @@ except for Switch Transformers, which keeps its per-row ``expert_capacity``
 (see the table), and has ``aux_loss_weight = z_loss_weight = 0``: the model's own loss options
 are left to the caller (``moe_routing.aux_loss(model)`` after setting the
 weights you want; Hugging Face's Mixtral-style loss is k times ours, see the
-README). The ``router_jitter_noise`` of Mixtral, MiniMax and MiniMax-M2 (0 by
-default; it scales the block's whole input in training) is not carried over.
+README). The ``router_jitter_noise`` of Mixtral, MiniMax and MiniMax-M2 and
+DBRX's ``moe_jitter_eps`` (0 or None by default; they scale the block's whole
+input in training) are not carried over. The privacy filter runs its experts
+in float32 and Beam its SwiGLU whatever the model's dtype; the converted
+layer runs its experts in the model's dtype (in bfloat16 they differ by
+rounding).
 
 Selection equals Hugging Face's except at exact ties: this layer breaks them
 towards the lower expert index, ``torch.topk`` as it happens (AFMoE's
@@ -123,6 +166,7 @@ at 1.0 in float32 for logits above about 17, where such experts then tie.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -143,13 +187,24 @@ def _norm(router, normalize) -> bool:
     return bool(getattr(router, normalize))
 
 
+def _routed_scale(block, router, name: str) -> float:
+    """The routed scaling factor ``name``: on the router, or on the block
+    (Beam, Step-3.7), which multiplies the experts' weighted sum by it (the
+    same as scaling each weight)."""
+    holder = router if hasattr(router, name) else block
+    if not hasattr(holder, name):
+        raise ValueError(f"moe_routing.hf: {type(block).__name__} has no {name}: a layout this "
+                         "module does not know")
+    return float(getattr(holder, name))
+
+
 def _top_k(score: str, normalize, scale: Optional[str] = None):
     """Top-k of the softmax or sigmoid scores (plus the family's selection
     bias, if any); ``normalize`` as :func:`_norm` takes it; ``scale``: the
-    router attribute holding the routed scaling factor."""
+    attribute holding the routed scaling factor (see :func:`_routed_scale`)."""
     def options(block, router):
         return dict(score=score, normalize=_norm(router, normalize),
-                    scale=float(getattr(router, scale)) if scale else 1.0)
+                    scale=_routed_scale(block, router, scale) if scale else 1.0)
     return options
 
 
@@ -157,7 +212,8 @@ def _grouped(score: str, normalize="norm_topk_prob"):
     """DeepSeek-V3's group-limited top-k: groups scored by their two best."""
     def options(block, router):
         return dict(score=score, normalize=_norm(router, normalize), num_groups=router.num_group,
-                    topk_groups=router.topk_group, scale=float(router.routed_scaling_factor))
+                    topk_groups=router.topk_group,
+                    scale=_routed_scale(block, router, "routed_scaling_factor"))
     return options
 
 
@@ -199,6 +255,45 @@ def _llama4(block, router):  # top-k of the logits = top-k of their sigmoid
     return dict(score="sigmoid", normalize=False, scale_inputs=True)
 
 
+def _axk2(block, router):
+    """A.X-K2 without expert groups (A.X-K2-Light): sigmoid top-k with a
+    selection bias, ``norm_topk_prob``, ``routed_scaling_factor``. With
+    groups its mask sets the excluded experts' biased scores to 0, not -inf,
+    so they still beat chosen-group experts whose biased score is negative:
+    refused."""
+    if router.num_group is not None:
+        raise ValueError(f"moe_routing.hf.from_hf: AXK2MoE with n_group={router.num_group} is not "
+                         "supported: its group mask sets excluded experts' scores to 0 (not "
+                         "-inf), so they can still be chosen; only n_group=None")
+    return _top_k("sigmoid", "norm_topk_prob", scale="routed_scaling_factor")(block, router)
+
+
+def _dbrx(block, router):
+    """Softmax top-k divided by the chosen weights' p-norm
+    (``moe_normalize_expert_weights``): p=1 is renormalisation (the weights
+    are positive), None none; any other p is refused."""
+    p = block.moe_normalize_expert_weights
+    if p is not None and p != 1:
+        raise ValueError(f"moe_routing.hf.from_hf: DbrxFFN with moe_normalize_expert_weights={p} "
+                         "is not supported (only 1, a renormalisation, or None)")
+    return dict(score="softmax", normalize=p is not None)
+
+
+def _step3p7(block, router):
+    """Sigmoid top-k with a selection bias, renormalised, the block's
+    ``routed_scaling_factor``. Step-3.7 clamps the SwiGLU of some layers'
+    experts or shared expert (``swiglu_limits``, ``swiglu_limits_shared``):
+    those are refused."""
+    clamped = [f"{what} at {part.limit}" for what, part in
+               (("experts", block.experts), ("shared expert", block.shared_experts))
+               if math.isfinite(getattr(part, "limit", math.inf))]
+    if clamped:
+        raise ValueError("moe_routing.hf.from_hf: Step3p7SparseMoeBlock with a clamped SwiGLU "
+                         f"({', '.join(clamped)}; swiglu_limits) is not supported: this layer's "
+                         "SwiGLU does not clamp")
+    return _top_k("sigmoid", True, scale="routed_scaling_factor")(block, router)
+
+
 class _Family(NamedTuple):
     """How one Hugging Face block class maps onto :class:`MoE`: where its
     router and its [E, H] weight live, the routing options read from them,
@@ -209,29 +304,66 @@ class _Family(NamedTuple):
     bias: Optional[str] = None        # under the block
     bias_optional: bool = False       # the bias may be absent (LFM2 without use_expert_bias)
     # The experts' weights: "linear" (nn.Linear's [E, 2F, H] / [E, H, F]),
-    # "transposed" ([E, H, 2F] / [E, F, H], Llama 4) or "gpt_oss" (transposed,
-    # gate and up columns interleaved, biases, a clamped SwiGLU).
+    # "transposed" ([E, H, 2F] / [E, F, H]: Llama 4, Aria, the privacy
+    # filter), "interleaved" (transposed, gate and up columns interleaved:
+    # GPT-OSS) or "dbrx" (``experts.mlp``'s w1, v1 and w2, each [E*F, H]).
     layout: str = "linear"
+    oai_experts: bool = False         # biased experts, GPT-OSS's clamped SwiGLU (alpha, limit)
     router_bias: bool = False         # the router adds its ``bias`` [E] to the logits
     returns_tuple: bool = False       # forward returns (hidden_states, router_logits)
 
+    @property
+    def expert_paths(self) -> Tuple[str, ...]:
+        """Where the block keeps its experts' weights (DBRX: gate, up, down)."""
+        if self.layout == "dbrx":
+            return ("experts.mlp.w1", "experts.mlp.v1", "experts.mlp.w2")
+        return ("experts.gate_up_proj", "experts.down_proj")
+
     def from_block(self, tensor: torch.Tensor, gate_up: bool = False) -> torch.Tensor:
         """An expert weight or bias of the block in this layer's layout
-        (``gate_up``: ``gate_up_proj`` or its bias)."""
+        (``gate_up``: ``gate_up_proj`` or its bias); not for "dbrx"."""
         if self.layout == "linear" and tensor.dim() == 3:
             tensor = tensor.transpose(1, 2)
-        if self.layout == "gpt_oss" and gate_up:  # gate, up, gate, up ... -> gates, then ups
+        if self.layout == "interleaved" and gate_up:  # gate, up, gate, up ... -> gates, then ups
             tensor = torch.cat([tensor[..., ::2], tensor[..., 1::2]], dim=-1)
         return tensor
 
     def to_block(self, tensor: torch.Tensor, gate_up: bool = False) -> torch.Tensor:
         """The inverse of :meth:`from_block`."""
-        if self.layout == "gpt_oss" and gate_up:
+        if self.layout == "interleaved" and gate_up:
             half = tensor.shape[-1] // 2
             tensor = torch.stack([tensor[..., :half], tensor[..., half:]], dim=-1).flatten(-2)
         if self.layout == "linear" and tensor.dim() == 3:
             tensor = tensor.transpose(1, 2)
         return tensor
+
+    def read_experts(self, experts: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The experts' weights in this layer's layout: w_in [E, H, 2F] (gate
+        columns, then up) and w_out [E, F, H]."""
+        if self.layout == "dbrx":
+            gate, up, down = _dbrx_weights(experts)
+            return torch.cat([gate, up], dim=1).transpose(1, 2), down
+        return (self.from_block(experts.gate_up_proj, gate_up=True),
+                self.from_block(experts.down_proj))
+
+    def write_pairs(self, experts: nn.Module, w_in: torch.Tensor, w_out: torch.Tensor) -> list:
+        """(what, the block's tensor, its value from w_in / w_out in the
+        block's layout) for :func:`to_hf`: the inverse of :meth:`read_experts`."""
+        if self.layout == "dbrx":
+            gate, up, down = _dbrx_weights(experts)
+            half = w_in.shape[-1] // 2
+            return [("experts.w_in", gate, w_in[..., :half].transpose(1, 2)),
+                    ("experts.w_in", up, w_in[..., half:].transpose(1, 2)),
+                    ("experts.w_out", down, w_out)]
+        return [("experts.w_in", experts.gate_up_proj, self.to_block(w_in, gate_up=True)),
+                ("experts.w_out", experts.down_proj, self.to_block(w_out))]
+
+
+def _dbrx_weights(experts: nn.Module) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DBRX's gate (w1), up (v1) and down (w2) weights, each viewed as
+    [E, F, H] (views: to_hf writes through them)."""
+    shape = (experts.num_experts, experts.ffn_hidden_size, experts.hidden_size)
+    return tuple(getattr(experts.mlp, name).view(shape) for name in ("w1", "v1", "w2"))
 
 
 def _each(names: str, family: _Family) -> dict:
@@ -244,34 +376,46 @@ _FAMILIES = {
             "Qwen3VLMoeTextSparseMoeBlock", _Family(_top_k("softmax", True))),
     "HunYuanMoEV1Moe": _Family(_top_k("softmax", True), weight="wg.weight"),
     **_each("Qwen3MoeSparseMoeBlock Qwen3NextSparseMoeBlock Qwen2MoeSparseMoeBlock "
-            "OlmoeSparseMoeBlock FlexOlmoSparseMoeBlock Qwen3OmniMoeThinkerTextSparseMoeBlock",
+            "OlmoeSparseMoeBlock FlexOlmoSparseMoeBlock Qwen3OmniMoeThinkerTextSparseMoeBlock "
+            "Qwen3OmniMoeTalkerTextSparseMoeBlock Qwen4ExpTextSparseMoeBlock "
+            "LaraMiniSparseMoeBlock MellumSparseMoeBlock",
             _Family(_top_k("softmax", "norm_topk_prob"))),
     "JambaSparseMoeBlock": _Family(_top_k("softmax", False), router="router"),
     # softmax over the top-k logits = renormalised softmax top-k
-    **_each("GraniteMoeMoE GraniteMoeSharedMoE GraniteMoeHybridMoE",
+    **_each("GraniteMoeMoE GraniteMoeSharedMoE GraniteMoeHybridMoE GraniteMoeSWAMoE",
             _Family(_top_k("softmax", True), router="router")),
+    "AriaTextMoELayer": _Family(_top_k("softmax", True), router="router", layout="transposed"),
+    "DbrxFFN": _Family(_dbrx, router="router", weight="layer.weight", layout="dbrx"),
     "Cohere2MoeSparseMoeBlock": _Family(_cohere2),
     "Ernie4_5_MoeSparseMoeBlock": _Family(_ernie,
                                           bias="gate.moe_statics.e_score_correction_bias"),
     **_each("DeepseekV3MoE DeepseekV32MoE Glm4MoeMoE Glm4MoeLiteMoE GlmMoeDsaMoE Glm4vMoeTextMoE "
             "Glm5NextTextMoE Dots1MoE KimiLinearMoE BailingHybridMoE MiMoV2FlashMoE "
-            "ExaoneMoeSparseMoEBlock SolarOpenMoE",
+            "ExaoneMoeSparseMoEBlock SolarOpenMoE Dots3NoteTextMoE BeamMoE",
             _Family(_grouped("sigmoid"), bias="gate.e_score_correction_bias")),
+    "AXK2MoE": _Family(_axk2, bias="gate.e_score_correction_bias"),
     "Mistral4MoE": _Family(_grouped("softmax")),
     "MistralLarge4TextMoE": _Family(_grouped("softmax", True)),
-    "DeepseekV2Moe": _Family(_deepseek_v2),
+    **_each("DeepseekV2Moe DeepseekOcr2TextMoe UnlimitedOcrTextMoe", _Family(_deepseek_v2)),
     "MiniMaxM2SparseMoeBlock": _Family(_top_k("sigmoid", True), bias="e_score_correction_bias"),
-    "HYV3MoE": _Family(_top_k("sigmoid", True, scale="router_scaling_factor"),
-                       bias="e_score_correction_bias"),
+    **_each("HYV3MoE Dots3NoteVisionMoE",
+            _Family(_top_k("sigmoid", True, scale="router_scaling_factor"),
+                    bias="e_score_correction_bias")),
+    "Step3p7SparseMoeBlock": _Family(_step3p7, bias="gate.e_score_correction_bias"),
+    "FlintSparseMoeBlock": _Family(_top_k("sigmoid", "norm_topk_prob")),
     "AfmoeSparseMoeBlock": _Family(_top_k("sigmoid", True, scale="route_scale"),
                                    router="router", weight="gate.weight", bias="expert_bias"),
     "Lfm2MoeSparseMoeBlock": _Family(_top_k("sigmoid", "norm_topk_prob",
                                             scale="routed_scaling_factor"),
                                      bias="expert_bias", bias_optional=True),
     "Llama4TextMoe": _Family(_llama4, router="router", layout="transposed", returns_tuple=True),
-    # top-k of the logits (with the router's bias), softmax over them
-    "GptOssMLP": _Family(_top_k("softmax", True), router="router", layout="gpt_oss",
-                         router_bias=True, returns_tuple=True),
+    # top-k of the logits (with the router's bias), softmax over them (the
+    # privacy filter divides the weights by k and multiplies the sum by k)
+    "GptOssMLP": _Family(_top_k("softmax", True), router="router", layout="interleaved",
+                         oai_experts=True, router_bias=True, returns_tuple=True),
+    "OpenAIPrivacyFilterMLP": _Family(_top_k("softmax", True), router="router",
+                                      layout="transposed", oai_experts=True, router_bias=True,
+                                      returns_tuple=True),
 }
 SUPPORTED = tuple(_FAMILIES) + ("SwitchTransformersSparseMLP",)
 
@@ -292,9 +436,9 @@ class _Parts(NamedTuple):
     bias: Optional[torch.Tensor]      # the selection bias, as the block stores it
 
 
-# What a GPT-OSS block's router and experts hold besides the weights.
-_GPT_OSS_PARTS = ("router.bias", "experts.gate_up_proj_bias", "experts.down_proj_bias",
-                  "experts.alpha", "experts.limit")
+# What a block with GPT-OSS's experts (``oai_experts``) holds besides the weights.
+_OAI_PARTS = ("router.bias", "experts.gate_up_proj_bias", "experts.down_proj_bias",
+              "experts.alpha", "experts.limit")
 
 
 def _parts(block: nn.Module, caller: str) -> _Parts:
@@ -307,17 +451,17 @@ def _parts(block: nn.Module, caller: str) -> _Parts:
                          f"{', '.join(SUPPORTED)}")
     router = _attribute(block, family.router)
     weight = _attribute(router, family.weight)
-    # top_k sits on the router, or on the block (older Jamba, e.g. transformers 5.17).
+    # top_k sits on the router, or on the block (DBRX, older Jamba, e.g. transformers 5.17).
     top_k = getattr(router, "top_k", getattr(block, "top_k", None))
     experts = getattr(block, "experts", None)
     bias = _attribute(block, family.bias) if family.bias else None
-    gpt_oss = _GPT_OSS_PARTS if family.layout == "gpt_oss" else ()
-    if weight is None or top_k is None or not hasattr(experts, "gate_up_proj") or \
+    oai_parts = _OAI_PARTS if family.oai_experts else ()
+    if weight is None or top_k is None or \
             (family.bias and bias is None and not family.bias_optional) or \
-            any(_attribute(block, path) is None for path in gpt_oss):
-        wanted = f"{family.router}.{family.weight}, top_k, experts.gate_up_proj" + (
-            f", {family.bias}" if family.bias and not family.bias_optional else "") + "".join(
-            f", {path}" for path in gpt_oss)
+            any(_attribute(block, path) is None for path in family.expert_paths + oai_parts):
+        required_bias = (family.bias,) if family.bias and not family.bias_optional else ()
+        wanted = ", ".join((f"{family.router}.{family.weight}", "top_k") + family.expert_paths
+                           + required_bias + oai_parts)
         raise ValueError(f"moe_routing.hf.{caller}: {name} of this transformers version lacks "
                          f"one of {wanted}: a layout this module does not know")
     return _Parts(family, router, weight, top_k, experts, bias)
@@ -359,16 +503,15 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
     if name == "SwitchTransformersSparseMLP":
         return _from_switch(block, **overrides)
     family, router, weight, top_k, experts, bias = _parts(block, "from_hf")
-    gpt_oss = family.layout == "gpt_oss"
-    if not gpt_oss:
-        _check_silu(experts, f"{name}.experts")
+    oai = family.oai_experts
+    if not oai:  # DBRX keeps its activation on experts.mlp
+        _check_silu(getattr(experts, "mlp", experts), f"{name}.experts")
     E, H = weight.shape
-    w_in = family.from_block(experts.gate_up_proj, gate_up=True)
-    w_out = family.from_block(experts.down_proj)
+    w_in, w_out = family.read_experts(experts)
     F_hidden = w_out.shape[1]
-    dtype, device = experts.gate_up_proj.dtype, experts.gate_up_proj.device
-    options = dict(capacity_factor=None, activation="swiglu_oai" if gpt_oss else "swiglu",
-                   expert_bias=gpt_oss, logit_bias=family.router_bias, aux_loss_weight=0.0,
+    dtype, device = w_in.dtype, w_in.device
+    options = dict(capacity_factor=None, activation="swiglu_oai" if oai else "swiglu",
+                   expert_bias=oai, logit_bias=family.router_bias, aux_loss_weight=0.0,
                    z_loss_weight=0.0,
                    # float64 models route in float64 (so tests can compare
                    # exactly); everything else in float32.
@@ -385,6 +528,9 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
                              "bias-free linear maps gate_proj, up_proj, down_proj")
         options.update(shared_hidden=shared.down_proj.weight.shape[1],
                        shared_gate=shared_gate is not None)
+    if oai:
+        options.update(swiglu_alpha=float(experts.alpha), swiglu_limit=float(experts.limit))
+    _check_overrides(name, options, overrides)
     options.update(overrides)
     moe = MoE(H, F_hidden, E, top_k, **options).to(device)
     with torch.no_grad():
@@ -393,10 +539,9 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
         moe.experts.w_out.copy_(w_out)
         if family.router_bias:
             moe.router.logit_bias.copy_(router.bias)
-        if gpt_oss:
+        if oai:
             moe.experts.b_in.copy_(family.from_block(experts.gate_up_proj_bias, gate_up=True))
             moe.experts.b_out.copy_(experts.down_proj_bias)
-            moe.experts.alpha, moe.experts.limit = float(experts.alpha), float(experts.limit)
         if shared is not None:
             moe.shared_expert.w_in.copy_(torch.cat([shared.gate_proj.weight.t(),
                                                     shared.up_proj.weight.t()], 1)[None])
@@ -408,6 +553,21 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
         if part is not None:
             part.to(dtype)
     return moe.train(block.training)
+
+
+def _check_overrides(name: str, options: dict, overrides: dict) -> None:
+    """Overrides may change how the layer trains (capacity, losses, balancing)
+    and may add zero-initialised biases, but not the function the copied
+    weights compute: not the experts' activation or shared expert, and not
+    drop the block's own biases."""
+    block_value = {"shared_hidden": None, "shared_gate": False, **options}
+    for key in ("activation", "swiglu_alpha", "swiglu_limit", "shared_hidden", "shared_gate"):
+        if key in overrides and key in block_value and overrides[key] != block_value[key]:
+            raise ValueError(f"moe_routing.hf.from_hf: {key}={overrides[key]!r} contradicts "
+                             f"{name}, whose weights need {key}={block_value[key]!r}")
+    for key in ("expert_bias", "logit_bias"):
+        if options[key] and key in overrides and not overrides[key]:
+            raise ValueError(f"moe_routing.hf.from_hf: {key}=False would drop {name}'s biases")
 
 
 def _switch_drops_nothing() -> bool:
@@ -481,14 +641,12 @@ def to_hf(moe: MoE, block: nn.Module) -> nn.Module:
     else:
         parts = _parts(block, "to_hf")
         experts, correction, family = parts.experts, parts.bias, parts.family
-        holds_biases = family.layout == "gpt_oss"  # GPT-OSS's router and experts have biases
-        pairs += [("router.weight", parts.weight, router.weight),
-                  ("experts.w_in", experts.gate_up_proj,
-                   family.to_block(moe.experts.w_in, gate_up=True)),
-                  ("experts.w_out", experts.down_proj, family.to_block(moe.experts.w_out))]
+        holds_biases = family.oai_experts  # GPT-OSS's router and experts have biases
+        pairs.append(("router.weight", parts.weight, router.weight))
+        pairs += family.write_pairs(experts, moe.experts.w_in, moe.experts.w_out)
         if family.router_bias and router.logit_bias is not None:
             pairs.append(("router.logit_bias", parts.router.bias, router.logit_bias))
-        if family.layout == "gpt_oss":
+        if family.oai_experts:
             if moe.experts.b_in is None or moe.experts.activation != "swiglu_oai" or \
                     (moe.experts.alpha, moe.experts.limit) != (experts.alpha, experts.limit):
                 raise ValueError(f"moe_routing.hf.to_hf: the MoE's experts are not {name}'s "
@@ -522,10 +680,10 @@ def to_hf(moe: MoE, block: nn.Module) -> nn.Module:
                          "cannot hold (it has no selection bias)")
     # Biases the block has no place for must be zero (this reads them).
     homeless = [("router.logit_bias", router.logit_bias, holds_biases)]
-    for expert in (moe.experts, moe.shared_expert):
+    for label, expert in (("experts", moe.experts), ("shared_expert", moe.shared_expert)):
         if expert is not None:
-            homeless += [("experts.b_in", expert.b_in, holds_biases and expert is moe.experts),
-                         ("experts.b_out", expert.b_out, holds_biases and expert is moe.experts)]
+            held = holds_biases and expert is moe.experts
+            homeless += [(f"{label}.b_in", expert.b_in, held), (f"{label}.b_out", expert.b_out, held)]
     for what, bias, held in homeless:
         if bias is None and held:
             raise ValueError(f"moe_routing.hf.to_hf: the MoE has no {what}, which {name} "
@@ -783,15 +941,18 @@ def patch(model: nn.Module, **overrides) -> PatchHandle:
                if any(n == "" or t.startswith(n + ".") for t, _ in targets)]
     models = [(m, positions) for m in holders if (positions := _mask_positions(m))]
     masks = _PatchMasks([positions for _, positions in models])
+    # Every block is converted before any is swapped: a block from_hf refuses
+    # (e.g. one of Step-3.7's clamped layers) leaves the model as it was.
     for qualified, block in targets:
         name = ("decoder_attention_mask" if encoder_decoder and "decoder" in qualified.split(".")
                 else "attention_mask")
         family = _FAMILIES.get(type(block).__name__)
         replacement = MaskedMoE(from_hf(block, **overrides), masks, name,
                                 family is not None and family.returns_tuple)
+        handle.blocks.append((qualified, block, replacement))
+    for qualified, _, replacement in handle.blocks:
         parent, _, attr = qualified.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, replacement)
-        handle.blocks.append((qualified, block, replacement))
     for index, (m, _) in enumerate(models):
         hook = _ModelHook(masks, index)
         handle._hooks.append(m.register_forward_pre_hook(hook, with_kwargs=True))

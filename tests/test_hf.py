@@ -154,6 +154,68 @@ CONFIGS = {
                      layer_types=["sliding_attention", "full_attention"], sliding_window=4,
                      rope_parameters=dict(rope_type="default", rope_theta=10000.0),
                      pad_token_id=0, bos_token_id=1, eos_token_id=2, **COMMON)),
+    # An encoder (token classification, no generate()): GPT-OSS's experts,
+    # their gate and up columns concatenated; num_labels so labels=ids fit.
+    "openai_privacy_filter": ("OpenAIPrivacyFilterConfig",
+                              "OpenAIPrivacyFilterForTokenClassification",
+                              dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2,
+                                   head_dim=8, sliding_window=4, num_labels=64,
+                                   rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+                                   pad_token_id=0, eos_token_id=2, **COMMON)),
+    "aria": ("AriaTextConfig", "AriaTextForCausalLM",
+             dict(intermediate_size=16, moe_num_experts=6, moe_topk=2, moe_num_shared_experts=2,
+                  head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, **COMMON)),
+    "granitemoe_swa": ("GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM",
+                       dict(intermediate_size=24, shared_intermediate_size=40, num_local_experts=4,
+                            num_experts_per_tok=2, sliding_window=4, **COMMON)),
+    "mellum": ("MellumConfig", "MellumForCausalLM",
+               dict(intermediate_size=48, moe_intermediate_size=16, num_experts=6,
+                    num_experts_per_tok=2, norm_topk_prob=True, head_dim=8, sliding_window=4,
+                    mlp_layer_types=["sparse", "sparse"], pad_token_id=0, bos_token_id=1,
+                    eos_token_id=2, **COMMON)),
+    "lara_mini": ("LaraMiniConfig", "LaraMiniForCausalLM",
+                  dict(moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=6,
+                       num_experts_per_tok=2, norm_topk_prob=False, head_dim=8, sliding_window=4,
+                       **{k: v for k, v in LINEAR_ATTENTION.items() if k != "layer_types"},
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2, **COMMON)),
+    "qwen4_exp": ("Qwen4ExpTextConfig", "Qwen4ExpForCausalLM",
+                  dict(moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=6,
+                       num_experts_per_tok=2, norm_topk_prob=False, head_dim=8, hc_count=2,
+                       hc_lowrank=8, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8,
+                       indexer_budget=4, indexer_compress_ratio=2, **LINEAR_ATTENTION,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2, **COMMON)),
+    "flint": ("FlintConfig", "FlintForCausalLM",
+              dict(intermediate_size=48, moe_intermediate_size=16,
+                   shared_expert_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+                   norm_topk_prob=False, mlp_only_layers=[], head_dim=8, sliding_window=4,
+                   pad_token_id=0, bos_token_id=1, eos_token_id=2, **COMMON)),
+    # DeepSeek-V3's router, the scaling factor on the block, no shared expert.
+    "beam": ("BeamConfig", "BeamForCausalLM",
+             dict(**{k: v for k, v in GROUPED.items() if k not in ("n_routed_experts",
+                                                                   "n_shared_experts",
+                                                                   "first_k_dense_replace")},
+                  num_experts=8, mlp_layer_types=["sparse", "sparse"], head_dim=8,
+                  sliding_window=4, pad_token_id=0, bos_token_id=1, eos_token_id=2, **COMMON)),
+    "dots3_note": ("Dots3NoteTextConfig", "Dots3NoteForCausalLM",
+                   dict(**{k: v for k, v in GROUPED.items() if k != "first_k_dense_replace"},
+                        mlp_layer_types=["sparse", "sparse"], index_topk=4, index_head_dim=8,
+                        index_n_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        **{**MLA, "q_lora_rank": 16})),
+    # A.X-K2-Light: no expert groups.
+    "axk2": ("AXK2Config", "AXK2ForCausalLM",
+             dict(**{k: v for k, v in GROUPED.items() if k not in ("n_group", "topk_group",
+                                                                   "first_k_dense_replace",
+                                                                   "norm_topk_prob")},
+                  norm_topk_prob=False, mlp_layer_types=["sparse", "sparse"], index_topk=4,
+                  index_head_dim=8, index_n_heads=2, head_dim=8, gated_norm_rank=4,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, **{**MLA, "q_lora_rank": 16})),
+    # DBRX (5.24): its attention reads a rope_theta its config lacks, and
+    # clamps q, k, v with clip_qkv, which must be set.
+    "dbrx": ("DbrxConfig", "DbrxForCausalLM",
+             dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=64,
+                  attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
+                  ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2),
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 FAMILIES = list(CONFIGS)
 
@@ -161,21 +223,29 @@ FAMILIES = list(CONFIGS)
 # transformers' code has them (default: gate.weight, no bias).
 ROUTER_WEIGHT = {"llama4": "router.weight", "jamba": "router.weight",
                  "granitemoe": "router.weight", "granitemoeshared": "router.weight",
-                 "granitemoehybrid": "router.weight",
+                 "granitemoehybrid": "router.weight", "granitemoe_swa": "router.weight",
                  "hunyuan_v1_moe": "gate.wg.weight", "afmoe": "router.gate.weight",
-                 "gpt_oss": "router.weight"}
+                 "gpt_oss": "router.weight", "openai_privacy_filter": "router.weight",
+                 "aria": "router.weight", "dbrx": "router.layer.weight"}
 SELECTION_BIAS = {**{family: "gate.e_score_correction_bias" for family in (
                      "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "deepseek_v32",
                      "kimi_linear", "bailing_hybrid", "mimo_v2_flash", "glm_moe_dsa",
-                     "exaone_moe", "solar_open")},
+                     "exaone_moe", "solar_open", "glm4v_moe", "glm5_next", "beam", "dots3_note",
+                     "axk2", "step3p7")},
                   "ernie4_5_moe": "gate.moe_statics.e_score_correction_bias",
                   "minimax_m2": "e_score_correction_bias", "hy_v3": "e_score_correction_bias",
+                  "dots3_note_vision": "e_score_correction_bias",
                   "lfm2_moe": "expert_bias", "afmoe": "expert_bias"}
 # Parameters Hugging Face initialises to zeros or too small to matter, made
-# random: (path, std). GPT-OSS: the router's and experts' biases, and expert
-# weights large enough that the SwiGLU's clamps at +-limit (7) act.
-RANDOMISED = {"gpt_oss": [("router.bias", 0.5), ("experts.gate_up_proj", 1.5),
-                          ("experts.gate_up_proj_bias", 1.0), ("experts.down_proj_bias", 0.5)]}
+# random: (path, std). GPT-OSS and the privacy filter: the router's and
+# experts' biases, and expert weights large enough that the SwiGLU's clamps
+# at +-limit (7) act.
+OAI_RANDOMISED = [("router.bias", 0.5), ("experts.gate_up_proj", 1.5),
+                  ("experts.gate_up_proj_bias", 1.0), ("experts.down_proj_bias", 0.5)]
+RANDOMISED = {"gpt_oss": OAI_RANDOMISED, "openai_privacy_filter": OAI_RANDOMISED}
+# Expert weights stored [E, H, 2F] / [E, F, H] (this layer's layout) rather
+# than nn.Linear's [E, 2F, H] / [E, H, F].
+TRANSPOSED = {"llama4", "aria", "openai_privacy_filter", "gpt_oss"}
 
 
 def deinterleaved(gate_up):
@@ -188,61 +258,122 @@ def router_weight(family, block):
     return operator.attrgetter(ROUTER_WEIGHT.get(family, "gate.weight"))(block)
 
 
-def tiny(family):
-    """A float32 causal LM of ``family`` with random weights (the router and
-    the bias too, so that routing is not trivial)."""
+def expert_weights(family, block):
+    """The block's expert weights, as transformers' code names them."""
+    if family == "dbrx":  # gate, up and down, each [E*F, H]
+        return [block.experts.mlp.w1, block.experts.mlp.v1, block.experts.mlp.w2]
+    return [block.experts.gate_up_proj, block.experts.down_proj]
+
+
+def in_our_layout(family, block, tensors):
+    """expert_weights(family, block) (or their gradients) as this layer's
+    w_in [E, H, 2F] (gate columns, then up) and w_out [E, F, H]."""
+    if family == "dbrx":
+        E, H = router_weight(family, block).shape
+        gate, up, down = (t.view(E, -1, H) for t in tensors)
+        return torch.cat([gate, up], dim=1).transpose(1, 2), down
+    gate_up, down = tensors
+    if family not in TRANSPOSED:
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    return (deinterleaved(gate_up) if family == "gpt_oss" else gate_up), down
+
+
+def randomise(family, block):
+    """Random router weights and selection bias (so that routing is not
+    trivial), and the RANDOMISED parameters."""
+    with torch.no_grad():
+        router_weight(family, block).normal_(std=0.5)
+        for weight in expert_weights(family, block):
+            if weight.abs().sum() == 0:
+                weight.normal_(std=0.2)  # Llama 4 initialises zeros
+        if family in SELECTION_BIAS:
+            operator.attrgetter(SELECTION_BIAS[family])(block).uniform_(-0.1, 0.1)
+        if hasattr(block, "shared_expert_gate"):
+            block.shared_expert_gate.weight.normal_(std=0.5)
+        for path, std in RANDOMISED.get(family, []):
+            operator.attrgetter(path)(block).normal_(std=std)
+
+
+def tiny(family, **changes):
+    """A float32 model of ``family`` (a causal LM, or the privacy filter's
+    token classifier), its options updated with ``changes``, with random
+    weights (see randomise)."""
     torch.manual_seed(0)
     config_class, model_class, options = CONFIGS[family]
     if not hasattr(transformers, model_class):  # a family newer than the installed version
         pytest.skip(f"transformers {transformers.__version__} has no {model_class}")
-    config = getattr(transformers, config_class)(**options)
+    config = getattr(transformers, config_class)(**{**options, **changes})
     model = getattr(transformers, model_class)(config).eval()
-    with torch.no_grad():
-        for block in blocks(model):
-            router_weight(family, block).normal_(std=0.5)
-            if block.experts.gate_up_proj.abs().sum() == 0:
-                block.experts.gate_up_proj.normal_(std=0.2)  # Llama 4 initialises zeros
-            if family in SELECTION_BIAS:
-                operator.attrgetter(SELECTION_BIAS[family])(block).uniform_(-0.1, 0.1)
-            if hasattr(block, "shared_expert_gate"):
-                block.shared_expert_gate.weight.normal_(std=0.5)
-            for path, std in RANDOMISED.get(family, []):
-                operator.attrgetter(path)(block).normal_(std=std)
+    for block in blocks(model):
+        try:
+            expert_weights(family, block)
+        except AttributeError:  # e.g. Aria's experts in transformers 5.17: refused by name
+            with pytest.raises(ValueError, match="of this transformers version lacks one of"):
+                mrhf.from_hf(block)
+            pytest.skip(f"transformers {transformers.__version__} lays out "
+                        f"{type(block).__name__}'s experts otherwise")
+        randomise(family, block)
     return model
 
 
-# Text blocks of multimodal models, built alone from their text configs:
-# family: (block class, config class, options).
+# MoE blocks of multimodal models (text ones unless named), built alone from
+# their configs: family: (transformers module, block class, config class, options).
 TEXT_BLOCKS = {
-    "qwen3_vl_moe": ("Qwen3VLMoeTextSparseMoeBlock", "Qwen3VLMoeTextConfig",
+    "qwen3_vl_moe": ("qwen3_vl_moe", "Qwen3VLMoeTextSparseMoeBlock", "Qwen3VLMoeTextConfig",
                      dict(moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2)),
-    "qwen3_omni_moe": ("Qwen3OmniMoeThinkerTextSparseMoeBlock", "Qwen3OmniMoeTextConfig",
+    "qwen3_omni_moe": ("qwen3_omni_moe", "Qwen3OmniMoeThinkerTextSparseMoeBlock",
+                       "Qwen3OmniMoeTextConfig",
                        dict(moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
                             norm_topk_prob=False)),
-    "glm4v_moe": ("Glm4vMoeTextMoE", "Glm4vMoeTextConfig", GROUPED),
-    "glm5_next": ("Glm5NextTextMoE", "Glm5NextTextConfig", {**GROUPED, "norm_topk_prob": False}),
-    "mistral_large4": ("MistralLarge4TextMoE", "MistralLarge4TextConfig",
+    "qwen3_omni_moe_talker": ("qwen3_omni_moe", "Qwen3OmniMoeTalkerTextSparseMoeBlock",
+                              "Qwen3OmniMoeTalkerTextConfig",
+                              dict(moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                                   num_experts=6, num_experts_per_tok=2, norm_topk_prob=False)),
+    "glm4v_moe": ("glm4v_moe", "Glm4vMoeTextMoE", "Glm4vMoeTextConfig", GROUPED),
+    "glm5_next": ("glm5_next", "Glm5NextTextMoE", "Glm5NextTextConfig",
+                  {**GROUPED, "norm_topk_prob": False}),
+    "mistral_large4": ("mistral_large4", "MistralLarge4TextMoE", "MistralLarge4TextConfig",
                        {k: v for k, v in GROUPED.items() if k != "norm_topk_prob"}),
+    # DeepSeek-V2's router (softmax, group_limited_greedy) in two OCR models
+    **{family: (family, block_class, config_class,
+                dict(**{k: v for k, v in GROUPED.items() if k != "norm_topk_prob"},
+                     num_experts=8, topk_method="group_limited_greedy",
+                     num_attention_heads=4))
+       for family, block_class, config_class in (
+           ("deepseek_ocr2", "DeepseekOcr2TextMoe", "DeepseekOcr2TextConfig"),
+           ("unlimited_ocr", "UnlimitedOcrTextMoe", "UnlimitedOcrTextConfig"))},
+    "step3p7": ("step3p7", "Step3p7SparseMoeBlock", "Step3p7TextConfig",
+                dict(moe_intermediate_size=16, share_expert_dim=24, num_local_experts=6,
+                     num_experts_per_tok=2, moe_router_scaling_factor=1.5)),
+    "dots3_note_vision": ("dots3_note", "Dots3NoteVisionMoE", "Dots3NoteVisionConfig",
+                          dict(adapter_in_dim=32, num_attention_heads=4, num_hidden_layers=1,
+                               moe_intermediate_size=16, pyramid_num_routed=[6],
+                               num_experts_per_tok=2, router_scaling_factor=1.5)),
 }
 
 
-def text_block(family):
-    """The family's MoE block with random weights (float32)."""
+def text_block(family, **changes):
+    """The family's MoE block with random weights (float32), its options
+    updated with ``changes``."""
     import importlib
-    block_class, config_class, options = TEXT_BLOCKS[family]
+    import inspect
+    module_name, block_class, config_class, options = TEXT_BLOCKS[family]
     try:
-        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        module = importlib.import_module(f"transformers.models.{module_name}.modeling_"
+                                         f"{module_name}")
     except ImportError:
-        pytest.skip(f"transformers {transformers.__version__} has no {family}")
+        pytest.skip(f"transformers {transformers.__version__} has no {module_name}")
     config = getattr(module, config_class, None) or getattr(transformers, config_class)
+    config = config(hidden_size=32, **{**options, **changes})
     torch.manual_seed(0)
-    block = getattr(module, block_class)(config(hidden_size=32, **options)).eval()
+    block_class = getattr(module, block_class)
+    # Step-3.7's and dots3's blocks are made per layer.
+    layer = (0,) if "layer_idx" in inspect.signature(block_class).parameters else ()
+    block = block_class(config, *layer).eval()
     with torch.no_grad():  # built outside a model: nothing initialised it
         for parameter in block.parameters():
             parameter.normal_(std=0.2)
-        block.gate.weight.normal_(std=0.5)
-        if hasattr(block.gate, "e_score_correction_bias"):
-            block.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
+    randomise(family, block)
     return block
 
 
@@ -254,9 +385,11 @@ def test_from_hf_and_to_hf_on_text_blocks_of_multimodal_models(family):
     expected, got = block(x), moe(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(expected)
-    grads_hf = torch.autograd.grad(expected, [x, block.gate.weight, block.experts.gate_up_proj], g)
-    grads = torch.autograd.grad(got, [x, moe.router.weight, moe.experts.w_in], g)
-    for ours, theirs in zip(grads, grads_hf[:2] + (grads_hf[2].transpose(1, 2),)):
+    grads_hf = torch.autograd.grad(
+        expected, [x, router_weight(family, block), *expert_weights(family, block)], g)
+    grads = torch.autograd.grad(got, [x, moe.router.weight, moe.experts.w_in, moe.experts.w_out],
+                                g)
+    for ours, theirs in zip(grads, grads_hf[:2] + in_our_layout(family, block, grads_hf[2:])):
         # sums over 30 tokens of terms up to ~10 in another order
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     _perturb(moe)  # fine-tuned weights (and bias) back into the block
@@ -275,24 +408,18 @@ def test_from_hf_block_equals_the_block_outputs_and_gradients(family):
     moe = mrhf.from_hf(block)
     x = torch.randn(3, 10, 32, requires_grad=True)
     expected = block(x)
-    if isinstance(expected, tuple):  # Llama 4: (hidden_states, router_logits)
+    if isinstance(expected, tuple):  # Llama 4, GPT-OSS: (hidden_states, router_logits)
         expected = expected[0].view(x.shape)
-    # This layer's w_in [E, H, 2F] and w_out [E, F, H] from the block's layout.
-    layout_in = layout_out = lambda w: w.transpose(1, 2)  # nn.Linear's [E, 2F, H] / [E, H, F]
-    if family == "llama4":
-        layout_in = layout_out = lambda w: w
-    if family == "gpt_oss":
-        layout_in, layout_out = deinterleaved, (lambda w: w)
     got = moe(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(expected)
-    grad_x_hf, grad_router_hf, grad_up_hf, grad_down_hf = torch.autograd.grad(
-        expected, [x, router_weight(family, block), block.experts.gate_up_proj,
-                   block.experts.down_proj], g)
+    grad_x_hf, grad_router_hf, *grad_experts_hf = torch.autograd.grad(
+        expected, [x, router_weight(family, block), *expert_weights(family, block)], g)
     grad_x, grad_router, grad_in, grad_out = torch.autograd.grad(
         got, [x, moe.router.weight, moe.experts.w_in, moe.experts.w_out], g)
+    grad_in_hf, grad_out_hf = in_our_layout(family, block, grad_experts_hf)
     for ours, theirs in [(grad_x, grad_x_hf), (grad_router, grad_router_hf),
-                         (grad_in, layout_in(grad_up_hf)), (grad_out, layout_out(grad_down_hf))]:
+                         (grad_in, grad_in_hf), (grad_out, grad_out_hf)]:
         # Float32 sums over the tokens in another order: an error relative to
         # the gradient's scale (GPT-OSS's larger weights give larger ones).
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6 * max(1.0, theirs.abs().max()))
@@ -320,9 +447,15 @@ def test_patch_keeps_logits_gradients_and_generate(family):
     prompt = torch.randint(1, 64, (2, 6))
     mask = torch.ones_like(prompt)
     prompt[0, :2], mask[0, :2] = 0, 0
-    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    expected = original.generate(prompt, **kwargs)
-    assert torch.equal(model.generate(prompt, **kwargs), expected)
+    if original.can_generate():
+        kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        expected = original.generate(prompt, **kwargs)
+        assert torch.equal(model.generate(prompt, **kwargs), expected)
+    else:  # an encoder: the real tokens' logits are the same
+        with torch.no_grad():
+            expected = original(input_ids=prompt, attention_mask=mask).logits[mask.bool()]
+            got = model(input_ids=prompt, attention_mask=mask).logits[mask.bool()]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
     handle.undo()
     assert not blocks(model) == [] and len(blocks(model)) == 2
@@ -631,24 +764,29 @@ def test_to_hf_switch_and_its_errors():
         mrhf.to_hf(biased, torch.nn.Linear(2, 2))
 
 
-def test_gpt_oss_biases_and_its_alpha_and_limit_are_carried_over():
-    """GPT-OSS's router bias and expert biases (gradients too, in the block's
-    interleaved layout), a non-default alpha and limit, and the clamps at work."""
-    block = blocks(tiny("gpt_oss"))[0]
+@pytest.mark.parametrize("family", ["gpt_oss", "openai_privacy_filter"])
+def test_gpt_oss_biases_and_its_alpha_and_limit_are_carried_over(family):
+    """GPT-OSS's (and the privacy filter's) router bias and expert biases
+    (gradients too, in the block's layout: GPT-OSS's interleaved, the
+    filter's concatenated), a non-default alpha and limit, and the clamps at
+    work."""
+    block = blocks(tiny(family))[0]
+    name = type(block).__name__
     block.experts.alpha, block.experts.limit = 1.25, 3.0
     moe = mrhf.from_hf(block)
     assert (moe.experts.alpha, moe.experts.limit) == (1.25, 3.0)
     x = torch.randn(3, 10, 32, requires_grad=True)
-    gate_up = x.detach().reshape(-1, 32) @ block.experts.gate_up_proj + \
-        block.experts.gate_up_proj_bias[:, None]
-    assert (gate_up[..., 0::2] > 3).any() and (gate_up[..., 1::2].abs() > 3).any()
+    ours_layout = deinterleaved if family == "gpt_oss" else (lambda t: t)
+    gate, up = ours_layout(x.detach().reshape(-1, 32) @ block.experts.gate_up_proj
+                           + block.experts.gate_up_proj_bias[:, None]).chunk(2, dim=-1)
+    assert (gate > 3).any() and (up.abs() > 3).any()
     expected, got = block(x)[0], moe(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(expected)
     theirs = torch.autograd.grad(expected, [block.router.bias, block.experts.gate_up_proj_bias,
                                             block.experts.down_proj_bias], g)
     ours = torch.autograd.grad(got, [moe.router.logit_bias, moe.experts.b_in, moe.experts.b_out], g)
-    for a, b in zip(ours, (theirs[0], deinterleaved(theirs[1]), theirs[2])):
+    for a, b in zip(ours, (theirs[0], ours_layout(theirs[1]), theirs[2])):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(b.abs().max())))
     # Trained with drops, the same weights: a capacity layer on the same experts.
     dropping = mrhf.from_hf(block, capacity_factor=0.5)
@@ -659,9 +797,9 @@ def test_gpt_oss_biases_and_its_alpha_and_limit_are_carried_over():
     unbiased_router = mr.MoE(32, 24, 4, 2, activation="swiglu_oai", expert_bias=True)
     unbiased_router.experts.alpha, unbiased_router.experts.limit = 1.25, 3.0
     with pytest.raises(ValueError, match="to_hf: the MoE has no router.logit_bias, which "
-                                         "GptOssMLP holds"):
+                                         f"{name} holds"):
         mrhf.to_hf(unbiased_router, block)
-    with pytest.raises(ValueError, match="the MoE's experts are not GptOssMLP's"):
+    with pytest.raises(ValueError, match=f"the MoE's experts are not {name}'s"):
         mrhf.to_hf(mr.MoE(32, 24, 4, 2, activation="swiglu", expert_bias=True, logit_bias=True),
                    block)
     assert torch.equal(block.router.bias, before)
@@ -678,6 +816,37 @@ def test_to_hf_refuses_biases_a_block_cannot_hold():
         with pytest.raises(ValueError, match=f"to_hf: the MoE has a non-zero {what}, which "
                                              "MixtralSparseMoeBlock cannot hold"):
             mrhf.to_hf(moe, block)
+    shared_block = tiny("qwen2_moe").model.layers[0].mlp
+    moe = mrhf.from_hf(shared_block, expert_bias=True)
+    with torch.no_grad():
+        moe.shared_expert.b_out.fill_(0.1)  # the routed experts' biases stay zero
+    with pytest.raises(ValueError, match="the MoE has a non-zero shared_expert.b_out, which "
+                                         "Qwen2MoeSparseMoeBlock cannot hold"):
+        mrhf.to_hf(moe, shared_block)
+
+
+def test_from_hf_refuses_overrides_that_contradict_the_weights():
+    """Overrides change training (capacity, losses), not what the copied
+    weights compute: the wrong activation or alpha/limit, no shared expert
+    for a block with one (or one added), or dropping GPT-OSS's biases."""
+    gpt_oss = blocks(tiny("gpt_oss"))[0]
+    qwen2 = tiny("qwen2_moe").model.layers[0].mlp
+    mixtral = tiny("mixtral").model.layers[0].mlp
+    for block, overrides, message in [
+            (gpt_oss, dict(expert_bias=False), "expert_bias=False would drop GptOssMLP's biases"),
+            (gpt_oss, dict(logit_bias=False), "logit_bias=False would drop GptOssMLP's biases"),
+            (gpt_oss, dict(activation="swiglu"), "activation='swiglu' contradicts GptOssMLP, "
+                                                 "whose weights need activation='swiglu_oai'"),
+            (gpt_oss, dict(swiglu_limit=9.0), "swiglu_limit=9.0 contradicts GptOssMLP, whose "
+                                              "weights need swiglu_limit=7.0"),
+            (qwen2, dict(shared_gate=False), "shared_gate=False contradicts"),
+            (mixtral, dict(shared_hidden=8), "shared_hidden=8 contradicts MixtralSparseMoeBlock, "
+                                             "whose weights need shared_hidden=None")]:
+        with pytest.raises(ValueError, match=message):
+            mrhf.from_hf(block, **overrides)
+    # Training options, and biases added at zero, are fine.
+    moe = mrhf.from_hf(gpt_oss, capacity_factor=1.25, aux_loss_weight=0.01, swiglu_limit=7.0)
+    assert moe.capacity_factor == 1.25 and moe.experts.limit == 7.0
 
 
 def test_from_hf_rejects_an_unsupported_block():
@@ -707,13 +876,32 @@ def test_from_hf_rejects_what_the_layer_cannot_express():
     with pytest.raises(ValueError, match=r"Ernie4_5_MoeSparseMoeBlock with moe_norm_min=0.001 "
                                          r"\(above 1e-6\) can clamp the normalising sum"):
         mrhf.from_hf(first_block("ernie4_5_moe", moe_norm_min=1e-3))
-    # A block laid out otherwise (here without its selection bias or its
-    # router): a named error from both directions.
+    with pytest.raises(ValueError, match="AXK2MoE with n_group=4 is not supported: its group "
+                                         "mask sets excluded experts' scores to 0"):
+        mrhf.from_hf(first_block("axk2", n_group=4, topk_group=2))
+    ffn_config = CONFIGS["dbrx"][2]["ffn_config"]
+    with pytest.raises(ValueError, match="DbrxFFN with moe_normalize_expert_weights=2.0 is not "
+                                         "supported"):
+        mrhf.from_hf(first_block("dbrx", ffn_config={**ffn_config,
+                                                     "moe_normalize_expert_weights": 2.0}))
+    for clamp, what in [(dict(swiglu_limits=[7.0]), r"experts at 7.0"),
+                        (dict(swiglu_limits_shared=[16.0]), r"shared expert at 16.0")]:
+        with pytest.raises(ValueError, match=r"Step3p7SparseMoeBlock with a clamped SwiGLU "
+                                             rf"\({what}; swiglu_limits\) is not supported"):
+            mrhf.from_hf(text_block("step3p7", **clamp))
+    # A block laid out otherwise (here without its selection bias, one of
+    # DBRX's expert weights or its router): a named error from both directions.
     block = first_block("deepseek_v3")
     del block.gate.e_score_correction_bias
     with pytest.raises(ValueError, match="from_hf: DeepseekV3MoE of this transformers version "
                                          "lacks one of gate.weight, top_k, experts.gate_up_proj, "
-                                         "gate.e_score_correction_bias"):
+                                         "experts.down_proj, gate.e_score_correction_bias"):
+        mrhf.from_hf(block)
+    block = first_block("dbrx")
+    del block.experts.mlp.v1
+    with pytest.raises(ValueError, match="from_hf: DbrxFFN of this transformers version lacks "
+                                         "one of router.layer.weight, top_k, experts.mlp.w1, "
+                                         "experts.mlp.v1, experts.mlp.w2"):
         mrhf.from_hf(block)
     block = first_block("mixtral")
     moe = mrhf.from_hf(block)
@@ -721,6 +909,43 @@ def test_from_hf_rejects_what_the_layer_cannot_express():
     with pytest.raises(ValueError, match="to_hf: MixtralSparseMoeBlock of this transformers "
                                          "version lacks one of gate.weight"):
         mrhf.to_hf(moe, block)
+
+
+def test_patch_refusing_one_block_leaves_the_model_as_it_was():
+    """Step-3.7 clamps the SwiGLU of some layers only (here the second):
+    patch refuses the model without swapping the first layer's block."""
+    from transformers.models.step3p7 import modeling_step3p7
+    config = transformers.Step3p7TextConfig(
+        **{**COMMON, **TEXT_BLOCKS["step3p7"][3]}, head_dim=8, sliding_window=4,
+        mlp_layer_types=["sparse", "sparse"], swiglu_limits=[0.0, 7.0])
+    model = modeling_step3p7.Step3p7TextModel(config).eval()
+    before = list(model.modules())
+    with pytest.raises(ValueError, match=r"Step3p7SparseMoeBlock with a clamped SwiGLU "
+                                         r"\(experts at 7.0"):
+        mrhf.patch(model)
+    assert list(model.modules()) == before
+    mrhf.from_hf(model.layers[0].mlp)  # the unclamped layer converts
+
+
+# Each family's normalisation option the other way from CONFIGS / TEXT_BLOCKS.
+NORMALISATION_FLIPPED = {
+    **{family: dict(norm_topk_prob=True) for family in (
+        "lara_mini", "qwen4_exp", "flint", "axk2", "qwen3_omni_moe_talker")},
+    **{family: dict(norm_topk_prob=False) for family in ("mellum", "beam", "dots3_note")},
+    "dbrx": dict(ffn_config={**CONFIGS["dbrx"][2]["ffn_config"],
+                             "moe_normalize_expert_weights": None}),
+}
+
+
+@pytest.mark.parametrize("family", list(NORMALISATION_FLIPPED))
+def test_from_hf_follows_the_normalisation_option_both_ways(family):
+    changes = NORMALISATION_FLIPPED[family]
+    block = text_block(family, **changes) if family in TEXT_BLOCKS else \
+        blocks(tiny(family, **changes))[0]
+    moe = mrhf.from_hf(block)
+    x = torch.randn(3, 10, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), block(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # HF's empty MLP
