@@ -625,6 +625,19 @@ def to_hf(moe: MoE, block: nn.Module) -> nn.Module:
     has no place for a balancing bias and refuses a non-zero one (this
     reads it: a host synchronisation). Every shape is checked before
     anything is written. Returns ``block``."""
+    _write(_checked_pairs(moe, block))
+    return block
+
+
+def _write(pairs: list) -> None:
+    with torch.no_grad():
+        for _, destination, source in pairs:
+            destination.copy_(source)
+
+
+def _checked_pairs(moe: MoE, block: nn.Module) -> list:
+    """(what, the block's tensor, its new value) for :func:`to_hf`, after
+    every check: writing them cannot fail."""
     name = type(block).__name__
     router = moe.router
     pairs = []  # (what, destination in the block, source from the MoE in the block's layout)
@@ -691,10 +704,7 @@ def to_hf(moe: MoE, block: nn.Module) -> nn.Module:
         if bias is not None and not held and bool(bias.any()):
             raise ValueError(f"moe_routing.hf.to_hf: the MoE has a non-zero {what}, which "
                              f"{name} cannot hold")
-    with torch.no_grad():
-        for _, destination, source in pairs:
-            destination.copy_(source)
-    return block
+    return pairs
 
 
 # The padding masks a patched model's blocks route with. Models whose forward
@@ -901,9 +911,9 @@ class PatchHandle:
         them) unless ``copy_weights``: then each replacement's weights are
         written into its block first (:func:`to_hf`), so that a fine-tuned
         model goes back to Hugging Face's layout, e.g. for ``save_pretrained``."""
-        if copy_weights:
-            for _, original, replacement in self.blocks:
-                to_hf(replacement.moe, original)
+        if copy_weights:  # every block checked before any is written
+            _write([pair for _, original, replacement in self.blocks
+                    for pair in _checked_pairs(replacement.moe, original)])
         for qualified, original, _ in self.blocks:
             parent, _, attr = qualified.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, attr, original)

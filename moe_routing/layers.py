@@ -214,7 +214,8 @@ class Router(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.__dict__.setdefault("logit_bias", None)  # pickled before logit_bias existed
+        if "logit_bias" not in self._parameters:  # pickled before logit_bias existed
+            self.__dict__.setdefault("logit_bias", None)
 
     def selection_bias(self) -> Optional[torch.Tensor]:
         """The bias route() adds to the scores for selection: the updated

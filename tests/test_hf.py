@@ -715,6 +715,25 @@ def test_undo_with_copy_weights_keeps_the_fine_tuned_function(family, tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_refused_undo_with_copy_weights_writes_nothing():
+    """undo(copy_weights=True) checks every block before writing any: when
+    the second layer learned a balancing bias its block cannot hold, the
+    first layer's block keeps its weights and the model stays patched."""
+    model = tiny("mixtral")
+    original = copy.deepcopy(model)
+    handle = mrhf.patch(model, bias_update_rate=1e-3)
+    for _, _, replacement in handle.blocks:
+        _perturb(replacement.moe)
+    with torch.no_grad():
+        handle.blocks[1][2].moe.router.bias.fill_(0.1)
+    with pytest.raises(ValueError, match="learned a balancing bias"):
+        handle.undo(copy_weights=True)
+    assert len(handle.blocks) == 2 and not blocks(model)  # still patched
+    for (_, block, _), untouched in zip(handle.blocks, blocks(original)):
+        for a, b in zip(block.parameters(), untouched.parameters()):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("family", ["deepseek_v3", "ernie4_5_moe", "afmoe", "lfm2_moe"])
 def test_undo_writes_a_learned_balancing_bias_into_the_selection_bias(family):
     """Fine-tuning with bias_update_rate learns a balancing bias on top of the

@@ -157,6 +157,18 @@ def test_modules_pickled_before_the_gpt_oss_options_still_run():
     assert torch.equal(loaded(x), expected)
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_of_a_biased_layer_keep_every_bias(how):
+    """An EMA copy or a pickle of a GPT-OSS-shaped layer computes the same
+    function (the unpickling fallback for old modules once hid logit_bias)."""
+    import pickle
+    moe = gpt_oss_like(None)
+    copied = copy.deepcopy(moe) if how == "deepcopy" else pickle.loads(pickle.dumps(moe))
+    assert torch.equal(copied.router.logit_bias, moe.router.logit_bias)
+    x = torch.randn(9, 16)
+    assert torch.equal(copied(x), moe(x))
+
+
 def test_swiglu_alpha_and_limit_reach_the_routed_and_shared_experts():
     moe = mr.MoE(8, 16, 4, 2, activation="swiglu_oai", shared_hidden=8, swiglu_alpha=1.25,
                  swiglu_limit=3.0)
