@@ -453,6 +453,16 @@ class MoE(nn.Module):
     ``expert_parallel``: a process group or 1-D DeviceMesh over which the
     experts are sharded (this rank holds E/W of them); see
     :mod:`moe_routing.parallel`.
+    ``stats_group``: a process group (e.g. ``dist.group.WORLD`` under DDP)
+    over which the balancing loss, z-loss and statistics are computed, so
+    that they are those of the global batch rather than of this rank's
+    micro-batch (global-batch load balancing, as Megatron-Core's
+    "global_aux_loss"; with expert parallelism the default is the whole
+    world). One small all-gather per forward, no host synchronisation; the
+    router's gradients must be averaged over exactly this group (DDP over it
+    does), see :mod:`moe_routing.parallel`. :meth:`update_bias` sums the load
+    over it by default. ``parallel.set_stats_group(model, group)`` sets it on
+    every layer of a model.
     ``router_options`` go to :class:`Router` (score, normalize, jitter, noise,
     bias_update_rate, fixed_bias, logit_bias, num_groups, ...).
     """
@@ -467,7 +477,7 @@ class MoE(nn.Module):
                  renormalize_after_drop: bool = False, capacity_per_row: bool = False,
                  expert_capacity: Optional[int] = None, expert_parallel=None,
                  expert_bias: bool = False, swiglu_alpha: float = 1.702,
-                 swiglu_limit: float = 7.0, **router_options):
+                 swiglu_limit: float = 7.0, stats_group=None, **router_options):
         super().__init__()
         if routing not in ("tokens", "experts", "balanced"):
             raise ValueError(
@@ -500,6 +510,14 @@ class MoE(nn.Module):
                                       d_model=d_model, d_hidden=d_hidden,
                                       capacity_factor=capacity_factor, routing=routing)
         local = num_experts if self._ep is None else self._ep.num_local
+        # Global-batch losses and statistics without expert parallelism.
+        self._global_stats = None
+        if stats_group is not None:
+            from . import parallel
+            if self._ep is not None:
+                self._ep.stats_group = stats_group
+            else:
+                self._global_stats = parallel.global_stats(stats_group, routing)
         expert_options = dict(bias=expert_bias, alpha=swiglu_alpha, limit=swiglu_limit)
         self.experts = Experts(local, d_model, d_hidden, activation, **expert_options)
         self.d_model = d_model
@@ -537,7 +555,7 @@ class MoE(nn.Module):
         if mask is not None and mask.shape != x.shape[:-1]:
             raise ValueError(f"MoE: mask must have x's leading shape {tuple(x.shape[:-1])}, "
                              f"got {tuple(mask.shape)}")
-        if self._ep is not None:  # expert parallel: global losses and statistics
+        if self._stats_context() is not None:  # global losses and statistics
             from . import parallel
             return parallel.forward(self, x, mask)
         shape = x.shape
@@ -594,9 +612,14 @@ class MoE(nn.Module):
         same bias. With ``expert_parallel`` the default group is the layer's
         statistics group (the whole world unless ``parallel.set_stats_group``
         changed it), which contains the expert-parallel group."""
-        if group is None and self._ep is not None:
-            group = self._ep.stats_group
+        if group is None and self._stats_context() is not None:
+            group = self._stats_context().stats_group
         self.router.update_bias(group)
+
+    def _stats_context(self):
+        """What holds the group the losses and statistics are aggregated over:
+        the expert-parallel state, or the statistics group alone, or None."""
+        return self._ep if self._ep is not None else self.__dict__.get("_global_stats")
 
     def __getstate__(self):
         # aux_loss holds the autograd graph of the last forward, which

@@ -29,10 +29,13 @@ Layouts
     backward reuses the splits. Results equal the single-process dropless
     layer on the global batch up to float reassociation.
 
-Global losses and statistics
+Global losses and statistics (also of layers without expert parallelism
+that have a statistics group: ``MoE(stats_group=...)``, global-batch load
+balancing under plain data parallelism)
   The balancing loss E * sum_e f_e P_e uses the expert counts and the sum of
-  router probabilities over the statistics group (default: the whole world,
-  i.e. data parallel x expert parallel; ``set_stats_group``), so its value is
+  router probabilities over the statistics group (default for expert-parallel
+  layers: the whole world, i.e. data parallel x expert parallel;
+  ``set_stats_group``), so its value is
   the single-process loss of the global batch. The z-loss, router entropy,
   load, kept and dropped fraction are global too. The float sums travel
   through an autograd-aware all_gather (then a fixed-order sum), whose
@@ -120,6 +123,44 @@ class ExpertParallel:
         return (f"ExpertParallel(name={self.name!r}, world={self.world}, rank={self.rank}, "
                 f"experts=[{self.first_expert}, {self.first_expert + self.num_local}))")
 
+    def where(self) -> str:
+        return f"expert-parallel rank {self.rank} of {self.world}"
+
+
+class GlobalStats:
+    """The statistics group of a layer without expert parallelism (held as
+    ``moe._global_stats``): under data parallelism its
+    balancing loss, z-loss and statistics are those of the global batch
+    (global-batch load balancing). Made by ``MoE(stats_group=...)`` or
+    :func:`set_stats_group`."""
+
+    def __init__(self, group, name: str):
+        self.stats_group = group
+        self.name = name
+
+    def __deepcopy__(self, memo):  # process groups are shared, not copied
+        return self
+
+    def __repr__(self):
+        return f"GlobalStats(name={self.name!r})"
+
+    def where(self) -> str:
+        return (f"rank {dist.get_rank(self.stats_group)} of "
+                f"{dist.get_world_size(self.stats_group)} of its statistics group")
+
+
+def global_stats(group, routing: str) -> GlobalStats:
+    """The :class:`GlobalStats` of a new layer (``MoE(stats_group=group)``)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("MoE: stats_group needs an initialised torch.distributed process "
+                         "group (dist.init_process_group)")
+    if not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"MoE: stats_group must be a ProcessGroup, got {type(group).__name__}")
+    if routing != "tokens":
+        raise ValueError(f"MoE: stats_group needs routing='tokens' (its balancing loss is what "
+                         f"it aggregates), got routing={routing!r}")
+    return GlobalStats(group, f"MoE#{next(_layer_ids)}")
+
 
 def setup(moe: nn.Module, expert_parallel, *, num_experts: int, k: int, d_model: int,
           d_hidden: int, capacity_factor, routing: str) -> ExpertParallel:
@@ -163,23 +204,31 @@ def setup(moe: nn.Module, expert_parallel, *, num_experts: int, k: int, d_model:
 
 
 def name_layers(model: nn.Module, prefix: str = "") -> None:
-    """Names every expert-parallel MoE of ``model`` by its qualified name, used
-    in error messages of failing collectives."""
+    """Names every expert-parallel (or global-statistics) MoE of ``model`` by
+    its qualified name, used in error messages of failing collectives."""
+    from .layers import MoE
     for name, module in model.named_modules(prefix=prefix):
-        ep = getattr(module, "_ep", None)
-        if isinstance(ep, ExpertParallel):
-            ep.name = name or ep.name
+        context = module._stats_context() if isinstance(module, MoE) else None
+        if context is not None:
+            context.name = name or context.name
 
 
 def set_stats_group(model: nn.Module, group) -> None:
     """Sets the group over which the balancing loss, z-loss, statistics and
-    (by default) the bias update of every expert-parallel MoE of ``model`` are
-    aggregated. Default: the whole world. It must contain the expert-parallel
-    group, and the router's gradients must be averaged over exactly it."""
+    (by default) the bias update of every MoE of ``model`` are aggregated.
+    Expert-parallel layers default to the whole world, and the group must
+    contain their expert-parallel group; a layer without expert parallelism
+    aggregates nothing until given one (then it is as ``MoE(stats_group=group)``:
+    global-batch load balancing under data parallelism). The router's
+    gradients must be averaged over exactly this group (DDP over it does)."""
+    from .layers import MoE
     for module in model.modules():
-        ep = getattr(module, "_ep", None)
-        if isinstance(ep, ExpertParallel):
-            ep.stats_group = group
+        if not isinstance(module, MoE):
+            continue
+        if module._stats_context() is not None:
+            module._stats_context().stats_group = group
+        else:
+            module._global_stats = global_stats(group, module.routing)
 
 
 class _Guard:
@@ -195,7 +244,7 @@ class _Guard:
         if error is not None and isinstance(error, (RuntimeError, dist.DistError)):
             raise RuntimeError(
                 f"moe_routing.parallel: collective {self.what} of layer {self.ep.name!r} "
-                f"(expert-parallel rank {self.ep.rank} of {self.ep.world}) failed: {error}"
+                f"({self.ep.where()}) failed: {error}"
             ) from error
         return False
 
@@ -309,10 +358,11 @@ def _run_dropless(moe, rows, kept):
 
 
 def forward(moe, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """MoE.forward of an expert-parallel layer (the same steps as the
-    single-process forward, with global losses and statistics)."""
+    """MoE.forward of an expert-parallel layer, or of one with a statistics
+    group (the same steps as the single-process forward, with global losses
+    and statistics)."""
     from .layers import _in_backward, _is_exporting
-    ep = moe._ep
+    ep = moe._stats_context()
     shape = x.shape
     valid = None if mask is None else mask.reshape(-1)
     r, y, load, kept, _ = moe._route_and_run(x, valid)

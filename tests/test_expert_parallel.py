@@ -347,3 +347,65 @@ def _train(rank, world, mesh, steps=20):
     assert torch.equal(model.moe.router.bias, ref.moe.router.bias)
     _close(model.moe.experts.w_in, ref.moe.experts.w_in[2 * e:2 * e + 2], "trained w_in",
            rtol=1e-3, atol=1e-4)
+
+
+# ---------------------------------------- global-batch statistics without EP
+
+def _global_stats_worker(rank, world):
+    """Data parallelism without expert parallelism, MoE(stats_group=WORLD):
+    each rank's aux loss and statistics are those of the global batch, and
+    DDP's averaged gradients and the bias update equal one process's on the
+    global batch (not the mean of per-rank losses)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    T, H = 10, 8
+    options = dict(capacity_factor=1.0, min_capacity=1, bias_update_rate=0.1, score="sigmoid",
+                   aux_loss_weight=0.5, z_loss_weight=0.1)
+    torch.manual_seed(0)
+    ref = mr.MoE(H, 16, 4, 2, **options)
+    moe = mr.MoE(H, 16, 4, 2, stats_group=dist.group.WORLD, **options)
+    moe.load_state_dict(ref.state_dict())
+    torch.manual_seed(1)
+    x, g = torch.randn(world * T, H), torch.randn(world * T, H)
+    mask = torch.rand(world * T) > 0.3
+    mask[T:T + 4] = False  # rank 1 starts with padding
+
+    # The reference: one process, the global batch, capacity per rank's slice
+    # (as the ranks plan), losses and statistics over the whole batch.
+    y_ref, aux_ref, stats_ref = _reference(ref, x, mask, world, per_rank_capacity=True)
+    ((y_ref * g).sum() / (world * T) + aux_ref).backward()
+    sl = slice(rank * T, (rank + 1) * T)
+    ddp = DDP(moe)
+    y = ddp(x[sl], mask[sl])
+    ((y * g[sl]).sum() / T + moe.aux_loss).backward()
+    _close(y, y_ref[sl].detach(), "output")
+    _close(moe.aux_loss, aux_ref, "aux_loss")
+    assert torch.equal(moe.stats["load"], stats_ref["load"])
+    for key in ("balance_loss", "z_loss", "router_entropy", "max_over_mean_load"):
+        _close(moe.stats[key], stats_ref[key], f"stats[{key}]")
+    for (name, p), q in zip(moe.named_parameters(), ref.parameters()):
+        _close(p.grad, q.grad, f"grad {name}")
+    # The per-rank loss would differ: the global one is not the mean of theirs.
+    local = mr.MoE(H, 16, 4, 2, **options)
+    local.load_state_dict(ref.state_dict())
+    local(x[sl], mask[sl])
+    assert not torch.allclose(local.aux_loss, aux_ref)
+    # set_stats_group gives a plain layer the same behaviour.
+    later = mr.MoE(H, 16, 4, 2, **options)
+    later.load_state_dict(ref.state_dict())
+    # update_bias sums the load over the statistics group by default.
+    ref.update_bias()
+    moe.update_bias()
+    assert torch.equal(moe.router.bias, ref.router.bias) and moe.router.bias.abs().sum() > 0
+    parallel.set_stats_group(later, dist.group.WORLD)
+    later(x[sl], mask[sl])
+    _close(later.aux_loss, aux_ref, "aux_loss after set_stats_group")
+    # torch.compile(fullgraph=True): the all-gathers trace.
+    compiled = torch.compile(later, fullgraph=True, backend="aot_eager")
+    compiled(x[sl], mask[sl])
+    _close(later.aux_loss, aux_ref, "compiled aux_loss")
+    with pytest.raises(ValueError, match="MoE: stats_group needs routing='tokens'"):
+        mr.MoE(H, 16, 4, 2, routing="experts", stats_group=dist.group.WORLD)
+
+
+def test_global_batch_statistics_without_expert_parallelism(tmp_path):
+    run_distributed(tmp_path, 2, _global_stats_worker)
