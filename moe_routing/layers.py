@@ -458,11 +458,15 @@ class MoE(nn.Module):
     that they are those of the global batch rather than of this rank's
     micro-batch (global-batch load balancing, as Megatron-Core's
     "global_aux_loss"; with expert parallelism the default is the whole
-    world). One small all-gather per forward, no host synchronisation; the
-    router's gradients must be averaged over exactly this group (DDP over it
-    does), see :mod:`moe_routing.parallel`. :meth:`update_bias` sums the load
-    over it by default. ``parallel.set_stats_group(model, group)`` sets it on
-    every layer of a model.
+    world). In training forwards only (eval forwards and ``generate()`` stay
+    local, so one rank may evaluate alone): two small all-gathers per forward
+    (counts and float sums) and one in backward, no host synchronisation;
+    given at construction, it is checked over the group's members (a
+    collective: every member constructs the layer). The router's gradients
+    must be averaged over exactly this group (DDP over it does), see
+    :mod:`moe_routing.parallel`. :meth:`update_bias` sums the load over it by
+    default. ``parallel.set_stats_group(model, group)`` sets it on every
+    layer of a model (``None`` switches it off); a pickled copy has none.
     ``router_options`` go to :class:`Router` (score, normalize, jitter, noise,
     bias_update_rate, fixed_bias, logit_bias, num_groups, ...).
     """
@@ -512,12 +516,14 @@ class MoE(nn.Module):
         local = num_experts if self._ep is None else self._ep.num_local
         # Global-batch losses and statistics without expert parallelism.
         self._global_stats = None
-        if stats_group is not None:
+        if stats_group is not None:  # checked over the group's members (a collective)
             from . import parallel
+            group = parallel.stats_group_of(
+                stats_group, [] if self._ep is not None else [(routing, num_experts, k)])
             if self._ep is not None:
-                self._ep.stats_group = stats_group
+                self._ep.stats_group = group
             else:
-                self._global_stats = parallel.global_stats(stats_group, routing)
+                self._global_stats = parallel.GlobalStats(group, f"MoE#{next(parallel._layer_ids)}")
         expert_options = dict(bias=expert_bias, alpha=swiglu_alpha, limit=swiglu_limit)
         self.experts = Experts(local, d_model, d_hidden, activation, **expert_options)
         self.d_model = d_model
@@ -555,8 +561,8 @@ class MoE(nn.Module):
         if mask is not None and mask.shape != x.shape[:-1]:
             raise ValueError(f"MoE: mask must have x's leading shape {tuple(x.shape[:-1])}, "
                              f"got {tuple(mask.shape)}")
-        if self._stats_context() is not None:  # global losses and statistics
-            from . import parallel
+        if self._ep is not None or (self._global_stats is not None and self.training):
+            from . import parallel  # global losses and statistics
             return parallel.forward(self, x, mask)
         shape = x.shape
         valid = None if mask is None else mask.reshape(-1)
@@ -572,10 +578,7 @@ class MoE(nn.Module):
             # forward saved (so it computes the losses), but the first
             # forward's aux_loss and statistics stay.
             return y.view(shape)
-        if self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            _warn("MoE: training-mode forward with gradients disabled: aux_loss has no gradient. "
-                  "Under torch.utils.checkpoint(use_reentrant=True) the auxiliary losses are "
-                  "silently lost; use use_reentrant=False.")
+        _warn_if_losses_lost(self)
         self.aux_loss = aux
         self.stats = routing_stats(r.scores.detach(), load, kept, dropped, valid)
         self.stats["balance_loss"] = balance.detach()
@@ -609,9 +612,10 @@ class MoE(nn.Module):
         since the last call (see :meth:`Router.update_bias`); call it after
         ``optimizer.step()``. ``group``: a process group to sum the load over
         first (e.g. ``dist.group.WORLD`` under DDP), so every rank holds the
-        same bias. With ``expert_parallel`` the default group is the layer's
-        statistics group (the whole world unless ``parallel.set_stats_group``
-        changed it), which contains the expert-parallel group."""
+        same bias. The default group is the layer's statistics group, if it
+        has one (``stats_group``; with ``expert_parallel`` the whole world
+        unless ``parallel.set_stats_group`` changed it, which contains the
+        expert-parallel group)."""
         if group is None and self._stats_context() is not None:
             group = self._stats_context().stats_group
         self.router.update_bias(group)
@@ -705,6 +709,13 @@ class MoE(nn.Module):
         valid = torch.ones_like(taken) if valid is None else valid
         untaken = (valid & ~taken).sum() / valid.sum().clamp_min(1)
         return y, kept, kept, untaken
+
+
+def _warn_if_losses_lost(moe: MoE) -> None:
+    if moe.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        _warn("MoE: training-mode forward with gradients disabled: aux_loss has no gradient. "
+              "Under torch.utils.checkpoint(use_reentrant=True) the auxiliary losses are "
+              "silently lost; use use_reentrant=False.")
 
 
 def routing_stats(scores: torch.Tensor, load: torch.Tensor, kept: torch.Tensor,

@@ -67,7 +67,11 @@ raises a RuntimeError naming the layer (its qualified name after
 collective. Bad setups (E not divisible by W, ranks disagreeing on the layer
 configuration or on group membership) raise ValueError on every rank at
 construction, which is collective over the world: every rank constructs
-every expert-parallel layer in the same order. Collectives in backward
+every expert-parallel layer in the same order. A statistics group without
+expert parallelism is checked likewise over its members when it is given
+(``MoE(stats_group=...)`` or :func:`set_stats_group`); such a layer
+aggregates in training forwards only (eval forwards, ``generate()``, stay
+local and need no other rank). Collectives in backward
 (autograd's reverse all_to_all and reduce-scatter) raise the process group's
 own error, without the layer name.
 """
@@ -129,17 +133,22 @@ class ExpertParallel:
 
 class GlobalStats:
     """The statistics group of a layer without expert parallelism (held as
-    ``moe._global_stats``): under data parallelism its
+    ``moe._global_stats``): under data parallelism its training forwards'
     balancing loss, z-loss and statistics are those of the global batch
     (global-batch load balancing). Made by ``MoE(stats_group=...)`` or
+    :func:`set_stats_group`. A deep copy gets its own (same group); a pickle
+    gets none (process groups do not pickle): re-attach with
     :func:`set_stats_group`."""
 
     def __init__(self, group, name: str):
         self.stats_group = group
         self.name = name
 
-    def __deepcopy__(self, memo):  # process groups are shared, not copied
-        return self
+    def __deepcopy__(self, memo):  # the process group is shared, the state not
+        return GlobalStats(self.stats_group, self.name)
+
+    def __reduce__(self):  # process groups do not pickle: an unpickled layer has none
+        return _no_global_stats, ()
 
     def __repr__(self):
         return f"GlobalStats(name={self.name!r})"
@@ -149,17 +158,42 @@ class GlobalStats:
                 f"{dist.get_world_size(self.stats_group)} of its statistics group")
 
 
-def global_stats(group, routing: str) -> GlobalStats:
-    """The :class:`GlobalStats` of a new layer (``MoE(stats_group=group)``)."""
+def _no_global_stats() -> None:
+    return None
+
+
+def stats_group_of(group, layers) -> Optional[dist.ProcessGroup]:
+    """``group`` (a ProcessGroup or a 1-D DeviceMesh) checked for ``layers``
+    [(routing, num_experts, k)], the MoE layers that will aggregate over it:
+    a collective over the group, so every member raises the same ValueError
+    when members disagree on the layers (instead of hanging in a forward)."""
+    if group is None:
+        return None
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("MoE: stats_group needs an initialised torch.distributed process "
                          "group (dist.init_process_group)")
-    if not isinstance(group, dist.ProcessGroup):
-        raise ValueError(f"MoE: stats_group must be a ProcessGroup, got {type(group).__name__}")
-    if routing != "tokens":
-        raise ValueError(f"MoE: stats_group needs routing='tokens' (its balancing loss is what "
-                         f"it aggregates), got routing={routing!r}")
-    return GlobalStats(group, f"MoE#{next(_layer_ids)}")
+    # new_group() hands ranks outside the group a marker, not a group.
+    if (isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER) or (
+            isinstance(group, dist.ProcessGroup) and dist.get_rank(group) < 0):
+        raise ValueError(f"MoE: this rank (global rank {dist.get_rank()}) is not a member of "
+                         "stats_group")
+    try:
+        group = _resolve_group(group)
+    except ValueError as error:
+        raise ValueError(str(error).replace("expert_parallel", "stats_group")) from None
+    for routing, _, _ in layers:
+        if routing != "tokens":  # the same on every rank: their configurations agree
+            raise ValueError(f"MoE: stats_group needs routing='tokens' (its balancing loss is "
+                             f"what it aggregates), got routing={routing!r}")
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, list(layers), group=group)
+    for rank, theirs in enumerate(gathered):
+        if theirs != gathered[0]:
+            raise ValueError(
+                f"MoE: the members of stats_group disagree on the layers that aggregate over "
+                f"it (routing, num_experts, k): group rank 0 has {gathered[0]}, group rank "
+                f"{rank} has {theirs}")
+    return group
 
 
 def setup(moe: nn.Module, expert_parallel, *, num_experts: int, k: int, d_model: int,
@@ -214,21 +248,30 @@ def name_layers(model: nn.Module, prefix: str = "") -> None:
 
 
 def set_stats_group(model: nn.Module, group) -> None:
-    """Sets the group over which the balancing loss, z-loss, statistics and
-    (by default) the bias update of every MoE of ``model`` are aggregated.
-    Expert-parallel layers default to the whole world, and the group must
-    contain their expert-parallel group; a layer without expert parallelism
-    aggregates nothing until given one (then it is as ``MoE(stats_group=group)``:
-    global-batch load balancing under data parallelism). The router's
-    gradients must be averaged over exactly this group (DDP over it does)."""
+    """Sets the group (a ProcessGroup or 1-D DeviceMesh) over which the
+    balancing loss, z-loss, statistics and (by default) the bias update of
+    every MoE of ``model`` are aggregated. Expert-parallel layers default to
+    the whole world, and the group must contain their expert-parallel group;
+    a layer without expert parallelism aggregates nothing until given one
+    (then it is as ``MoE(stats_group=group)``: global-batch load balancing
+    under data parallelism, in training forwards). ``None`` switches that
+    off again (expert-parallel layers go back to the world). The router's
+    gradients must be averaged over exactly this group (DDP over it does).
+    Collective over the group: every member calls it, with the same model;
+    every layer is checked before any changes."""
     from .layers import MoE
-    for module in model.modules():
-        if not isinstance(module, MoE):
-            continue
-        if module._stats_context() is not None:
-            module._stats_context().stats_group = group
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    plain = [(m.routing, m.num_experts, m.k) for m in layers if m._ep is None]
+    group = stats_group_of(group, plain)
+    for module in layers:
+        if module._ep is not None:
+            module._ep.stats_group = dist.group.WORLD if group is None else group
+        elif group is None:
+            module._global_stats = None
+        elif module._global_stats is not None:
+            module._global_stats.stats_group = group
         else:
-            module._global_stats = global_stats(group, module.routing)
+            module._global_stats = GlobalStats(group, f"MoE#{next(_layer_ids)}")
 
 
 class _Guard:
@@ -361,7 +404,7 @@ def forward(moe, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.
     """MoE.forward of an expert-parallel layer, or of one with a statistics
     group (the same steps as the single-process forward, with global losses
     and statistics)."""
-    from .layers import _in_backward, _is_exporting
+    from .layers import _in_backward, _is_exporting, _warn_if_losses_lost
     ep = moe._stats_context()
     shape = x.shape
     valid = None if mask is None else mask.reshape(-1)
@@ -372,6 +415,7 @@ def forward(moe, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.
     aux = moe.aux_loss_weight * balance + moe.z_loss_weight * z
     if _in_backward():
         return y.view(shape)
+    _warn_if_losses_lost(moe)
     moe.aux_loss = aux
     moe.stats = stats
     return y.view(shape)
@@ -384,13 +428,17 @@ def global_losses_and_stats(ep, r, load, kept, valid, E, k):
     scores = r.scores
     n_local = (torch.tensor(scores.shape[0], device=scores.device) if valid is None
                else valid.sum())
-    w = None if valid is None else valid.to(scores.dtype)[:, None]
-    score_sum = scores.sum(0) if w is None else (scores * w).sum(0)  # [E]
+    # Padding rows are selected out (torch.where), not multiplied by 0, so a
+    # non-finite padding row cannot turn the global sums into NaN.
+    def masked(values):
+        return values if valid is None else torch.where(
+            valid.reshape(-1, *[1] * (values.dim() - 1)), values, torch.zeros_like(values))
+    score_sum = masked(scores).sum(0)  # [E]
     lse = torch.logsumexp(r.logits.float(), dim=-1)
-    z_sum = (lse ** 2).sum() if valid is None else (lse ** 2 * valid).sum()
+    z_sum = masked(lse ** 2).sum()
     p = scores.detach() / scores.detach().sum(-1, keepdim=True).clamp_min(1e-30)
     ent = -(p * p.clamp_min(1e-30).log()).sum(-1)
-    ent_sum = ent.sum() if valid is None else (ent * valid).sum()
+    ent_sum = masked(ent).sum()
     counts = torch.cat([load, kept, n_local.reshape(1).long()])
     counts = _sum_over(ep, group, counts, "all_gather(counts)", differentiable=False)
     floats = torch.cat([score_sum, z_sum.reshape(1), ent_sum.reshape(1).to(score_sum.dtype)])

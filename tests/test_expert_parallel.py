@@ -2,6 +2,7 @@
 processes compare the expert-parallel layer with the single-process layer on
 the same global batch and weights. Several checks share one spawn to keep the
 file fast on small machines."""
+import copy
 import datetime
 
 import pytest
@@ -405,6 +406,60 @@ def _global_stats_worker(rank, world):
     _close(later.aux_loss, aux_ref, "compiled aux_loss")
     with pytest.raises(ValueError, match="MoE: stats_group needs routing='tokens'"):
         mr.MoE(H, 16, 4, 2, routing="experts", stats_group=dist.group.WORLD)
+    _check_global_stats_edges(rank, world, later.state_dict(), options, x[sl], mask[sl], aux_ref)
+
+
+def _check_global_stats_edges(rank, world, state, options, x, mask, aux_ref):
+    """What users do around a layer with a statistics group."""
+    import pickle
+    import warnings
+    from torch.utils.checkpoint import checkpoint
+
+    def layer(**extra):
+        moe = mr.MoE(8, 16, 4, 2, **{**options, **extra})
+        moe.load_state_dict(state)
+        return moe
+
+    moe = layer(stats_group=dist.group.WORLD)
+    # Eval (generate()) stays local: rank 0 alone evaluates, with no hang.
+    if rank == 0:
+        with torch.no_grad():
+            moe.eval()(x, mask)
+        moe.train()
+    dist.barrier()
+    # A padding row holding inf does not make the global losses NaN.
+    poisoned = x.clone()
+    poisoned[~mask] = float("inf")
+    moe(poisoned, mask)
+    assert torch.isfinite(moe.aux_loss) and torch.allclose(moe.aux_loss, aux_ref)
+    # Reentrant checkpointing loses the aux loss's gradient: it warns here too.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checkpoint(moe, x.requires_grad_(), mask, use_reentrant=True)
+    assert any("aux_loss has no gradient" in str(w.message) for w in caught)
+    # A deep copy has its own group setting; a pickle has none (local).
+    copied = copy.deepcopy(moe)
+    parallel.set_stats_group(copied, None)
+    assert copied._global_stats is None and moe._global_stats is not None
+    unpickled = pickle.loads(pickle.dumps(moe))
+    assert unpickled._global_stats is None
+    local = layer()
+    local(x, mask)
+    unpickled(x, mask)
+    assert torch.equal(unpickled.aux_loss, local.aux_loss)
+    # A 1-D DeviceMesh is a group too.
+    from torch.distributed.device_mesh import init_device_mesh
+    meshed = layer(stats_group=init_device_mesh("cpu", (world,)))
+    meshed(x, mask)
+    _close(meshed.aux_loss, aux_ref, "aux_loss over a mesh")
+    # Members disagreeing on the layer, and a rank outside the group: errors on
+    # every rank at construction instead of a hang in the first forward.
+    with pytest.raises(ValueError, match="members of stats_group disagree"):
+        mr.MoE(8, 16, 4 if rank == 0 else 2, 2, stats_group=dist.group.WORLD)
+    only_rank0 = dist.new_group([0])
+    if rank == 1:
+        with pytest.raises(ValueError, match="is not a member of stats_group"):
+            mr.MoE(8, 16, 4, 2, stats_group=only_rank0)
 
 
 def test_global_batch_statistics_without_expert_parallelism(tmp_path):
