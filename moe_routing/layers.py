@@ -341,7 +341,8 @@ class Experts(nn.Module):
         h = self._product(buffer, self.w_in, self.b_in)
         return self._product(self._activate(h), self.w_out, self.b_out)
 
-    def _product(self, buffer, weight, bias):
+    @staticmethod
+    def _product(buffer, weight, bias):
         weight = weight.to(buffer.dtype)
         if bias is None:
             return torch.bmm(buffer, weight)
@@ -518,12 +519,7 @@ class MoE(nn.Module):
         self._global_stats = None
         if stats_group is not None:  # checked over the group's members (a collective)
             from . import parallel
-            group = parallel.stats_group_of(
-                stats_group, [] if self._ep is not None else [(routing, num_experts, k)])
-            if self._ep is not None:
-                self._ep.stats_group = group
-            else:
-                self._global_stats = parallel.GlobalStats(group, f"MoE#{next(parallel._layer_ids)}")
+            parallel.set_stats_group(self, stats_group)
         expert_options = dict(bias=expert_bias, alpha=swiglu_alpha, limit=swiglu_limit)
         self.experts = Experts(local, d_model, d_hidden, activation, **expert_options)
         self.d_model = d_model
@@ -561,7 +557,7 @@ class MoE(nn.Module):
         if mask is not None and mask.shape != x.shape[:-1]:
             raise ValueError(f"MoE: mask must have x's leading shape {tuple(x.shape[:-1])}, "
                              f"got {tuple(mask.shape)}")
-        if self._ep is not None or (self._global_stats is not None and self.training):
+        if self._stats_context() is not None and (self._ep is not None or self.training):
             from . import parallel  # global losses and statistics
             return parallel.forward(self, x, mask)
         shape = x.shape
@@ -718,12 +714,18 @@ def _warn_if_losses_lost(moe: MoE) -> None:
               "silently lost; use use_reentrant=False.")
 
 
+def token_entropy(scores: torch.Tensor) -> torch.Tensor:
+    """Each token's router entropy [T] (nats) over its scores normalised to
+    sum to 1 (sigmoid scores too)."""
+    p = scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)
+    return -(p * p.clamp_min(1e-30).log()).sum(-1)
+
+
 def routing_stats(scores: torch.Tensor, load: torch.Tensor, kept: torch.Tensor,
                   dropped_fraction: torch.Tensor, mask: Optional[torch.Tensor]) -> dict:
     """Expert-balance statistics as tensors (no host synchronisation)."""
     load_f = load.float()
-    p = scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)
-    entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
+    entropy = token_entropy(scores)
     # A count that is a tensor, not a branch on the token count: no guard on T
     # under torch.compile, and 0 (not NaN) for an empty batch.
     valid = torch.ones_like(entropy) if mask is None else mask.to(entropy.dtype)

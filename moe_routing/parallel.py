@@ -140,9 +140,9 @@ class GlobalStats:
     gets none (process groups do not pickle): re-attach with
     :func:`set_stats_group`."""
 
-    def __init__(self, group, name: str):
+    def __init__(self, group, name: Optional[str] = None):
         self.stats_group = group
-        self.name = name
+        self.name = name or f"MoE#{next(_layer_ids)}"
 
     def __deepcopy__(self, memo):  # the process group is shared, the state not
         return GlobalStats(self.stats_group, self.name)
@@ -271,7 +271,7 @@ def set_stats_group(model: nn.Module, group) -> None:
         elif module._global_stats is not None:
             module._global_stats.stats_group = group
         else:
-            module._global_stats = GlobalStats(group, f"MoE#{next(_layer_ids)}")
+            module._global_stats = GlobalStats(group)
 
 
 class _Guard:
@@ -424,6 +424,7 @@ def forward(moe, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.
 def global_losses_and_stats(ep, r, load, kept, valid, E, k):
     """Balancing loss, z-loss and statistics over ``ep.stats_group`` (see the
     module docstring for the gradient convention)."""
+    from .layers import token_entropy
     group = ep.stats_group
     scores = r.scores
     n_local = (torch.tensor(scores.shape[0], device=scores.device) if valid is None
@@ -436,9 +437,7 @@ def global_losses_and_stats(ep, r, load, kept, valid, E, k):
     score_sum = masked(scores).sum(0)  # [E]
     lse = torch.logsumexp(r.logits.float(), dim=-1)
     z_sum = masked(lse ** 2).sum()
-    p = scores.detach() / scores.detach().sum(-1, keepdim=True).clamp_min(1e-30)
-    ent = -(p * p.clamp_min(1e-30).log()).sum(-1)
-    ent_sum = masked(ent).sum()
+    ent_sum = masked(token_entropy(scores.detach())).sum()
     counts = torch.cat([load, kept, n_local.reshape(1).long()])
     counts = _sum_over(ep, group, counts, "all_gather(counts)", differentiable=False)
     floats = torch.cat([score_sum, z_sum.reshape(1), ent_sum.reshape(1).to(score_sum.dtype)])
