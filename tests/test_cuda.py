@@ -126,6 +126,71 @@ def test_losses_expert_choice_grouped_mm():
     assert_same(*both(torch.ops.moe_routing.grouped_mm_backward, torch.randn(50, 40), x, w, counts))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_grouped_mm_bits_do_not_depend_on_alignment(dtype):
+    """x (and the output gradient) one element past a 16-byte boundary give
+    the bits of the aligned copy: the op realigns them rather than leave
+    torch's CUTLASS kernel (bfloat16, sm90) for its own, which sums in another
+    order."""
+    R, K, N, E = 96, 64, 40, 4
+    counts = torch.tensor([30, 0, 50, 16], device="cuda")
+    w = torch.randn(E, K, N, device="cuda").to(dtype)
+
+    def shifted(values):  # values stored one element into a fresh buffer
+        buffer = torch.empty(values.numel() + 1, dtype=dtype, device="cuda")
+        view = buffer[1:].view(values.shape)
+        view.copy_(values)
+        assert view.data_ptr() % 16 != 0
+        return view
+
+    x = torch.randn(R, K, device="cuda").to(dtype)
+    g = torch.randn(R, N, device="cuda").to(dtype)
+    assert torch.equal(mr.grouped_mm(shifted(x), w, counts), mr.grouped_mm(x, w, counts))
+    backward = torch.ops.moe_routing.grouped_mm_backward
+    for a, b in zip(backward(shifted(g), shifted(x), w, counts), backward(g, x, w, counts)):
+        assert torch.equal(a, b)
+
+
+def test_z_loss_keeps_a_nan_beside_infinities_as_the_cpu_does():
+    nan, inf = float("nan"), float("inf")
+    for row in ([nan, -inf, -inf], [nan, inf, 0.0], [-inf, nan, inf]):
+        logits = torch.tensor([row, [0.5, 1.0, -2.0]])
+        cpu, gpu = both(mr.z_loss, logits)
+        assert cpu.isnan() and gpu.isnan(), (row, cpu, gpu)
+        g = torch.tensor(1.0)
+        cpu, gpu = both(torch.ops.moe_routing.z_loss_backward, g, logits, None)
+        assert torch.equal(cpu.isnan(), gpu.cpu().isnan()), (row, cpu, gpu)
+
+
+# A slot out of range where the output holds no data (no rows, or H = 0), so
+# that no kernel reads the rows: CPU raises, CUDA must still assert on device.
+BAD_SLOTS_WITH_NO_DATA = {
+    "dispatch_no_features": "mr.dispatch(torch.randn(1, 0, device='cuda'), bad, 4)",
+    "dispatch_no_rows": "mr.dispatch(torch.randn(1, 8, device='cuda'), bad, 0)",
+    "combine_no_features": "mr.combine(torch.randn(4, 0, device='cuda'), bad, w)",
+    "dispatch_backward_no_features": "ops.dispatch_backward(torch.randn(4, 0, device='cuda'), bad)",
+    "combine_backward_no_features": "ops.combine_backward(torch.randn(1, 0, device='cuda'), "
+                                    "torch.randn(4, 0, device='cuda'), bad, w)",
+}
+
+
+@pytest.mark.parametrize("call", BAD_SLOTS_WITH_NO_DATA.values(), ids=BAD_SLOTS_WITH_NO_DATA.keys())
+def test_bad_slots_assert_on_the_device_even_with_no_data(call):
+    # A device-side assert ruins the process's CUDA context: a child process.
+    import subprocess
+    import sys
+    script = ("import torch, moe_routing as mr\n"
+              "ops = torch.ops.moe_routing\n"
+              "bad = torch.tensor([[7]], device='cuda')\n"
+              "w = torch.rand(1, 1, device='cuda')\n"
+              f"{call}\n"
+              "torch.cuda.synchronize()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    printed = done.stdout + done.stderr  # the device's assert message goes through its printf buffer
+    assert done.returncode != 0, printed
+    assert "slots out of range" in printed, printed[-2000:]
+
+
 def test_module_is_bitwise_deterministic_and_compiles():
     torch.manual_seed(0)
     moe = mr.MoE(64, 128, 8, 2).cuda()

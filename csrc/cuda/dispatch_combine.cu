@@ -47,6 +47,25 @@ at::Tensor row_owners(const at::Tensor& slots, int64_t num_rows) {
   return owners;
 }
 
+// Only the device assert on every slot: for outputs with no data (num_rows
+// or H is 0), where no other kernel reads the slots, so that a bad slot is
+// refused as on CPU.
+__global__ void slots_in_range_kernel(const int64_t* __restrict__ slots, int64_t n, int64_t num_rows) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = slots[i];
+    CUDA_KERNEL_ASSERT((r == -1 || in_range(r, num_rows)) && "moe_routing: slots out of range [-1, num_rows)");
+  }
+}
+
+void assert_slots_in_range(const at::Tensor& slots, int64_t num_rows) {
+  const int64_t n = slots.numel();
+  if (n == 0) return;
+  slots_in_range_kernel<<<grid_for(n, kThreads), kThreads, 0, current_stream()>>>(
+      slots.const_data_ptr<int64_t>(), n, num_rows);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // out[r] = x[owner / k] or zeros; V = elements moved per access (a 16-byte vector or 1).
 template <typename scalar_t, int V>
 __global__ void dispatch_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ owners,
@@ -114,7 +133,7 @@ __global__ void combine_backward_kernel(const scalar_t* __restrict__ gy,
                                         const scalar_t* __restrict__ rows,
                                         const int64_t* __restrict__ slots,
                                         const weight_t* __restrict__ weights, int64_t T, int k,
-                                        int64_t H, scalar_t* __restrict__ grad_rows,
+                                        int64_t H, int64_t num_rows, scalar_t* __restrict__ grad_rows,
                                         weight_t* __restrict__ grad_weights) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = Vec16<scalar_t>::size;
@@ -124,7 +143,8 @@ __global__ void combine_backward_kernel(const scalar_t* __restrict__ gy,
   for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
     for (int j = 0; j < k; ++j) {
       const int64_t r = slots[t * k + j];  // block-uniform
-      if (r == -1) {
+      // -1 (dropped), or out of range: row_owners has asserted on it already
+      if (!in_range(r, num_rows)) {
         if (threadIdx.x == 0) grad_weights[t * k + j] = 0;
         continue;
       }
@@ -187,7 +207,10 @@ at::Tensor dispatch_cuda(const at::Tensor& x_in, const at::Tensor& slots_in, int
   const at::Tensor x = x_in.contiguous(), slots = slots_in.contiguous();
   const int64_t H = x.size(1);
   at::Tensor out = at::empty({num_rows, H}, x.options());
-  if (num_rows == 0 || H == 0) return out;
+  if (num_rows == 0 || H == 0) {
+    assert_slots_in_range(slots, num_rows);
+    return out;
+  }
   const at::Tensor owners = row_owners(slots, num_rows);
   const cudaStream_t stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
@@ -206,6 +229,7 @@ template <typename scalar_t, typename weight_t>
 void launch_gather_sum(const at::Tensor& rows, const at::Tensor& slots, const weight_t* weights,
                        at::Tensor& out) {
   const int64_t T = slots.size(0), H = rows.size(1);
+  if (H == 0) assert_slots_in_range(slots, rows.size(0));
   if (T == 0 || H == 0) return;
   const cudaStream_t stream = current_stream();
   with_vector<scalar_t>(H, {rows.const_data_ptr(), out.const_data_ptr()}, [&]<int V>() {
@@ -263,6 +287,7 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cuda(const at::Tensor& grad_
   at::Tensor grad_weights = at::empty(weights.sizes(), weights.options());
   if (R == 0 && T == 0) return {grad_expert_out, grad_weights};
   if (H == 0) {  // no data (R may be huge): no owner map; every weight gradient is 0
+    assert_slots_in_range(slots, R);
     grad_weights.zero_();
     return {grad_expert_out, grad_weights};
   }
@@ -276,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cuda(const at::Tensor& grad_
           combine_backward_kernel<scalar_t, weight_t, V><<<grid_for(T, 1), kThreads, 0, stream>>>(
               gy.const_data_ptr<scalar_t>(), rows.const_data_ptr<scalar_t>(),
               slots.const_data_ptr<int64_t>(), weights.const_data_ptr<weight_t>(), T,
-              static_cast<int>(k), H, grad_rows.mutable_data_ptr<scalar_t>(),
+              static_cast<int>(k), H, R, grad_rows.mutable_data_ptr<scalar_t>(),
               grad_weights.mutable_data_ptr<weight_t>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });

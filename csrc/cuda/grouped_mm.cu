@@ -483,11 +483,19 @@ __global__ void zero_empty_experts_kernel(const int64_t* __restrict__ counts, in
 
 // ----------------------------------------------------------------- ops
 
+// A contiguous copy that starts 16-byte aligned (the caching allocator
+// aligns every block), so that which kernel runs, and so the bits of the
+// result, depend on shapes and dtype only, never on where the input sits.
+at::Tensor contiguous_aligned(const at::Tensor& t) {
+  if (t.is_contiguous() && aligned16(t.const_data_ptr())) return t;
+  return t.clone(at::MemoryFormat::Contiguous);
+}
+
 at::Tensor grouped_mm_cuda(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& counts) {
   constexpr const char* op = "moe_routing::grouped_mm";
   detail::check_grouped_mm_args(x_in, weight, counts);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
+  const at::Tensor x = contiguous_aligned(x_in);
   const int64_t R = x.size(0), K = x.size(1), E = weight.size(0), N = weight.size(2);
 #if MOE_ROUTING_HAS_GROUPED_MM
   if (R > 0 && cutlass_applies(x, E, K, N, {x})) {
@@ -509,7 +517,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_cuda(const at::Tensor& gr
   constexpr const char* op = "moe_routing::grouped_mm_backward";
   detail::check_grouped_mm_backward_args(grad_in, x_in, weight, counts);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
+  const at::Tensor x = contiguous_aligned(x_in), grad = contiguous_aligned(grad_in);
   const int64_t R = x.size(0), H = x.size(1), E = weight.size(0), F = weight.size(2);
 #if MOE_ROUTING_HAS_GROUPED_MM
   if (R > 0 && cutlass_applies(x, E, H, F, {grad, x.t()})) {

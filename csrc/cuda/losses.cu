@@ -193,12 +193,20 @@ at::Tensor load_balancing_loss_backward_cuda(const at::Tensor& grad, const at::T
   return out;
 }
 
+// max that keeps a NaN, as the CPU's at::vec::maximum does (CUDA's max drops
+// it): a row holding a NaN gives a NaN loss on both devices, even beside +-inf.
+template <typename T>
+__device__ __forceinline__ T max_keeping_nan(T a, T b) { return (a != a || a > b) ? a : b; }
+
 // One warp per token: logsumexp of its row.
 template <typename scalar_t, typename acc_t>
 __device__ acc_t warp_logsumexp(const scalar_t* row, int E, int lane) {
   acc_t m = -INFINITY;
-  for (int e = lane; e < E; e += kWarp) m = max(m, static_cast<acc_t>(row[e]));
-  m = group_max<kWarp>(m);
+  for (int e = lane; e < E; e += kWarp) m = max_keeping_nan(m, static_cast<acc_t>(row[e]));
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    m = max_keeping_nan(m, __shfl_xor_sync(0xffffffffu, m, offset));
+  }
   if (isinf(m)) return m;
   acc_t sum = 0;
   for (int e = lane; e < E; e += kWarp) sum += exp_(static_cast<acc_t>(row[e]) - m);
