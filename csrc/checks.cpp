@@ -29,6 +29,24 @@ Priority parse_priority(const char* op, const std::string& priority) {
               priority, "\"");
 }
 
+// dtypes as Python spells them (torch.int64, not c10's "Long"): the names
+// users write and the contract uses.
+std::string dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    default: return c10::toString(dtype);
+  }
+}
+
 void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim,
                const char* shape) {
   TORCH_CHECK(t.dim() == dim, op, ": ", arg, " must be ", dim, "-D ", shape, ", got shape ",
@@ -37,12 +55,12 @@ void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim
 
 void check_floating(const char* op, const char* arg, const at::Tensor& t) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", arg,
-              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+              " must be float32, float64, float16 or bfloat16, got ", dtype_name(t.scalar_type()));
 }
 
 void check_dtype(const char* op, const char* arg, const at::Tensor& t, at::ScalarType dtype) {
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", arg, " must be ", dtype, ", got ",
-              t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", arg, " must be ", dtype_name(dtype), ", got ",
+              dtype_name(t.scalar_type()));
 }
 
 void check_same_device(const char* op, const char* arg, const at::Tensor& t,
@@ -90,7 +108,7 @@ void check_route_backward_args(const at::Tensor& grad_weights,
                                const at::Tensor& scores, at::ScalarType logits_dtype) {
   constexpr const char* op = "moe_routing::route_backward";
   TORCH_CHECK(at::isFloatingType(logits_dtype), op,
-              ": logits_dtype must be a floating type, got ", logits_dtype);
+              ": logits_dtype must be a floating type, got ", dtype_name(logits_dtype));
   const auto dtype = router_dtype(logits_dtype);
   check_dim(op, "scores", scores, 2, "[T, E]");
   check_dtype(op, "scores", scores, dtype);
@@ -186,7 +204,7 @@ void check_combine_inputs(const char* op, const at::Tensor& expert_out, const at
   check_same_device(op, "slots", slots, expert_out);
   check_dim(op, "weights", weights, 2, "[T, k]");
   TORCH_CHECK(weights.scalar_type() == at::kFloat || weights.scalar_type() == at::kDouble, op,
-              ": weights must be float32 or float64, got ", weights.scalar_type());
+              ": weights must be float32 or float64, got ", dtype_name(weights.scalar_type()));
   check_same_device(op, "weights", weights, expert_out);
   TORCH_CHECK(weights.sym_sizes() == slots.sym_sizes(), op,
               ": weights must have the shape of slots ", slots.sym_sizes(), ", got ",
@@ -219,7 +237,7 @@ void check_load_balancing_inputs(const char* op, const at::Tensor& scores,
                                  const std::optional<c10::SymInt>& seq_len) {
   check_dim(op, "scores", scores, 2, "[T, E]");
   TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble, op,
-              ": scores must be float32 or float64, got ", scores.scalar_type());
+              ": scores must be float32 or float64, got ", dtype_name(scores.scalar_type()));
   check_dim(op, "experts", experts, 2, "[T, k]");
   check_dtype(op, "experts", experts, at::kLong);
   check_same_device(op, "experts", experts, scores);
@@ -262,7 +280,7 @@ void check_expert_choice_args(const at::Tensor& scores, const c10::SymInt& capac
   constexpr const char* op = "moe_routing::expert_choice";
   check_dim(op, "scores", scores, 2, "[T, E]");
   TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble, op,
-              ": scores must be float32 or float64, got ", scores.scalar_type());
+              ": scores must be float32 or float64, got ", dtype_name(scores.scalar_type()));
   TORCH_CHECK(capacity >= 0, op, ": capacity must be >= 0, got ", capacity);
   check_mask(op, mask, scores);
 }
@@ -272,7 +290,8 @@ void check_expert_choice_backward_args(const at::Tensor& grad_weights, const at:
   constexpr const char* op = "moe_routing::expert_choice_backward";
   check_dim(op, "grad_weights", grad_weights, 2, "[E, C]");
   TORCH_CHECK(grad_weights.scalar_type() == at::kFloat || grad_weights.scalar_type() == at::kDouble,
-              op, ": grad_weights must be float32 or float64, got ", grad_weights.scalar_type());
+              op, ": grad_weights must be float32 or float64, got ",
+              dtype_name(grad_weights.scalar_type()));
   check_dim(op, "tokens", tokens, 2, "[E, C]");
   check_dtype(op, "tokens", tokens, at::kLong);
   check_same_device(op, "tokens", tokens, grad_weights);

@@ -32,6 +32,15 @@ from .layers import (  # noqa: E402
 )
 from . import reference  # noqa: E402,F401
 
+
+def __getattr__(name: str):
+    """`moe_routing.hf` and `moe_routing.parallel` after a plain `import
+    moe_routing`, loaded on first use (hf imports torch._dynamo: about 1 s)."""
+    if name in ("hf", "parallel"):
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "ExpertChoice", "Plan", "Routing", "balanced_assignment", "capacity", "combine", "dispatch",
     "expert_choice",

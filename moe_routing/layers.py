@@ -64,15 +64,16 @@ def _check_sizes(owner: str, **sizes) -> None:
 
 
 class RouterOutput(NamedTuple):
-    weights: torch.Tensor  # [T, k] float32
+    weights: torch.Tensor  # [T, k] float32 (float64: see Router.compute_dtype)
     experts: torch.Tensor  # [T, k] int64
-    scores: torch.Tensor  # [T, E] float32
-    logits: torch.Tensor  # [T, E] float32 (after noise, before scoring)
+    scores: torch.Tensor  # [T, E] float32 (float64)
+    logits: torch.Tensor  # [T, E] float32 (float64), after noise, before scoring
 
 
 class Router(nn.Module):
     """Linear router: logits = x W^T in ``dtype`` (float32 by default, whatever
-    the activations: selective precision), then :func:`moe_routing.route`.
+    the activations: selective precision; float64 when the input or the
+    weight is float64), then :func:`moe_routing.route`.
     ``logit_bias=True`` adds a learned ``logit_bias`` [E] to the logits
     (GPT-OSS's router; zeros at first): unlike the selection bias below it
     changes the scores and the weights too.
@@ -167,20 +168,24 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> RouterOutput:
         """x: [T, d_model]; mask: optional [T] bool (False = padding)."""
+        if x.dim() != 2 or x.shape[1] != self.weight.shape[1]:
+            raise ValueError(f"Router: x must be [T, d_model={self.weight.shape[1]}] (flatten batch "
+                             f"and sequence first; MoE does), got shape {tuple(x.shape)}")
+        dtype = self.compute_dtype(x)
         # Selective precision: autocast would otherwise run this product in
         # bfloat16/float16, and the router (and its z-loss) would see
         # low-precision logits.
         with _autocast_disabled(x.device.type):
-            h = x.to(self.dtype)
+            h = x.to(dtype)
             if self.training and self.jitter > 0:
                 h = h * torch.empty_like(h).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            logit_bias = None if self.logit_bias is None else self.logit_bias.to(self.dtype)
-            logits = F.linear(h, self.weight.to(self.dtype), logit_bias)
+            logit_bias = None if self.logit_bias is None else self.logit_bias.to(dtype)
+            logits = F.linear(h, self.weight.to(dtype), logit_bias)
             if self.training and self.noise == "gaussian":
                 logits = logits + torch.randn_like(logits) / self.num_experts
             elif self.training and self.noise == "learned":
                 logits = logits + torch.randn_like(logits) * F.softplus(
-                    F.linear(h, self.noise_weight.to(self.dtype)))
+                    F.linear(h, self.noise_weight.to(dtype)))
         self._check_bias_unchanged_since_forward()
         routing = ops.route(logits, self.k, score=self.score, normalize=self.normalize,
                             bias=self.selection_bias(), num_groups=self.num_groups,
@@ -189,6 +194,13 @@ class Router(nn.Module):
         if self.training and self.bias is not None and not _in_backward():
             self._count_load(routing.experts, mask)
         return RouterOutput(*routing, logits)
+
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The logits' dtype: ``dtype``, or float64 where the input or the
+        router's weight is float64 (``model.double()``, gradcheck): the
+        router never computes below the precision it is given, and route
+        returns float64 weights and scores for float64 logits."""
+        return torch.float64 if torch.float64 in (x.dtype, self.weight.dtype) else self.dtype
 
     def _check_bias_unchanged_since_forward(self) -> None:
         """A re-run of the forward by activation checkpointing must select the
@@ -392,7 +404,10 @@ class MoE(nn.Module):
     dispatch, run the experts, combine.
 
     ``forward(x, mask=None)`` takes x [..., d_model] and an optional bool mask
-    [...] (False = padding) and returns a tensor of x's shape. Tokens whose
+    [...] (False = padding; 0/1 integers, like Hugging Face's
+    ``attention_mask``, are read as mask != 0; a floating mask is refused:
+    an additive 0/-inf mask would read inverted) and returns a tensor of
+    x's shape. Tokens whose
     every choice was dropped get zeros: the surrounding residual connection
     carries them. After each forward:
       * ``aux_loss``: aux_loss_weight * load_balancing_loss + z_loss_weight * z_loss
@@ -557,6 +572,11 @@ class MoE(nn.Module):
         if mask is not None and mask.shape != x.shape[:-1]:
             raise ValueError(f"MoE: mask must have x's leading shape {tuple(x.shape[:-1])}, "
                              f"got {tuple(mask.shape)}")
+        if mask is not None and mask.dtype != torch.bool:
+            if mask.is_floating_point() or mask.is_complex():
+                raise ValueError(f"MoE: mask must be bool (True = a real token) or 0/1 integers, got "
+                                 f"{mask.dtype} (an additive 0/-inf attention mask would read inverted)")
+            mask = mask != 0
         if self._stats_context() is not None and (self._ep is not None or self.training):
             from . import parallel  # global losses and statistics
             return parallel.forward(self, x, mask)
@@ -599,7 +619,9 @@ class MoE(nn.Module):
         if self.shared_expert is not None:
             shared = self.shared_expert(tokens[None])[0]
             if self.shared_gate is not None:
-                shared = torch.sigmoid(self.shared_gate(tokens)) * shared
+                # the weight in the activations' dtype, as the experts' are
+                gate = F.linear(tokens, self.shared_gate.weight.to(tokens.dtype))
+                shared = torch.sigmoid(gate) * shared
             y = y + shared
         return r, y, load, kept, dropped
 

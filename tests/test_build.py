@@ -93,6 +93,26 @@ def test_error_message_formats_numbers_in_fresh_process():
     assert Path(result.stdout.strip()).resolve() == Path(moe_routing.__file__).resolve()
 
 
+def test_submodules_are_attributes_after_a_plain_import():
+    """`import moe_routing as mr; mr.hf.from_hf(...)`: the hf and parallel
+    modules load on first use, in a fresh process (no test imported them)."""
+    child = textwrap.dedent("""\
+        import sys, moe_routing as mr
+        assert "moe_routing.hf" not in sys.modules  # loaded lazily: it imports torch._dynamo
+        assert callable(mr.hf.from_hf) and callable(mr.hf.patch) and callable(mr.parallel.set_stats_group)
+        try:
+            mr.no_such_thing
+        except AttributeError as error:
+            assert "no_such_thing" in str(error), error
+        else:
+            raise AssertionError("an unknown attribute did not raise")
+    """)
+    package_parent = str(Path(moe_routing.__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                            cwd=package_parent, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
 # -- setup.py's compiler check -----------------------------------------------
 
 posix_only = pytest.mark.skipif(os.name != "posix", reason="fake compilers are shell scripts")

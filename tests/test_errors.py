@@ -52,7 +52,7 @@ CASES = [
     ("route", "shape", lambda d: mr.route(logits(d), 3, num_groups=2, topk_groups=1),
      r"route: k=3 exceeds the 2 experts"),
     # plan
-    ("plan", "shape", lambda d: mr.plan(experts(d).float(), E, 2), r"plan: experts must be Long"),
+    ("plan", "shape", lambda d: mr.plan(experts(d).float(), E, 2), r"plan: experts must be int64, got float32"),
     ("plan", "shape", lambda d: mr.plan(experts(d)[:, 0], E, 2), r"plan: experts must be 2-D \[T, k\]"),
     ("plan", "shape", lambda d: mr.plan(experts(d), 0, 2), r"plan: num_experts must be in \[1, 2\^31 - 1\], got 0"),
     ("plan", "shape", lambda d: mr.plan(experts(d), 2**31, 1), r"plan: num_experts must be in \[1, 2\^31 - 1\], got 2147483648"),
@@ -65,7 +65,7 @@ CASES = [
      r"plan: priority must be \"choice\", \"token\", \"score\" or \"batch\", got \"random\""),
     ("plan", "shape", lambda d: mr.plan(experts(d), E, 2, mask=ones(T + 1, d=d, dtype=torch.bool)),
      r"plan: mask must have T=6 entries, got 7"),
-    ("plan", "shape", lambda d: mr.plan(experts(d), E, 2, mask=ones(T, d=d)), r"plan: mask must be Bool"),
+    ("plan", "shape", lambda d: mr.plan(experts(d), E, 2, mask=ones(T, d=d)), r"plan: mask must be bool, got float32"),
     ("plan", "shape", lambda d: mr.plan(experts(d), E, 2, weights=ones(T, 1, d=d)),
      r"plan: weights must have the shape of experts"),
     ("plan", "shape", lambda d: mr.plan(experts(d), E, 2, priority="score"), r"plan: priority \"score\" needs weights"),
@@ -84,7 +84,7 @@ CASES = [
                                                                                           device=d), 12),
      r"dispatch: slots must be unique, but row 0 is assigned twice"),
     ("dispatch", "shape", lambda d: mr.dispatch(torch.randn(T, H, device=d), slots(d=d).int(), 12),
-     r"dispatch: slots must be Long"),
+     r"dispatch: slots must be int64"),
     ("dispatch", "shape", lambda d: mr.dispatch(torch.randn(T + 1, H, device=d), slots(d=d), 12),
      r"dispatch: slots must have T=7 rows like x, got 6"),
     ("dispatch", "shape", lambda d: mr.dispatch(ones(T, H, d=d, dtype=torch.long), slots(d=d), 12),
@@ -123,7 +123,7 @@ CASES = [
     ("expert_choice", "shape", lambda d: mr.expert_choice(torch.rand(T, device=d), 2),
      r"expert_choice: scores must be 2-D \[T, E\]"),
     ("expert_choice", "shape", lambda d: mr.expert_choice(torch.rand(T, E, device=d), 2, mask=ones(T, d=d)),
-     r"expert_choice: mask must be Bool"),
+     r"expert_choice: mask must be bool"),
     # grouped_mm
     ("grouped_mm", "value", lambda d: mr.grouped_mm(torch.randn(5, 3, device=d), torch.randn(2, 3, 4, device=d),
                                                     torch.tensor([3, 3], device=d)),
@@ -137,7 +137,7 @@ CASES = [
     ("grouped_mm", "shape", lambda d: mr.grouped_mm(torch.randn(5, 3, device=d),
                                                     torch.randn(2, 3, 4, device=d).double(),
                                                     torch.tensor([1, 1], device=d)),
-     r"grouped_mm: weight must be Float"),
+     r"grouped_mm: weight must be float32"),
     ("grouped_mm", "shape", lambda d: mr.grouped_mm(torch.randn(5, 3, device=d), torch.randn(2, 3, 4, device=d),
                                                     torch.tensor([1, 1, 1], device=d)),
      r"grouped_mm: counts must have E=2 entries, got 3"),
@@ -160,7 +160,7 @@ def test_bad_input_raises_clear_error(device, case):
 def test_backward_ops_check_their_inputs(device):
     ops = torch.ops.moe_routing
     w, e, s = mr.route(logits(device), k)
-    with pytest.raises(RuntimeError, match=r"route_backward: grad_weights must be Float"):
+    with pytest.raises(RuntimeError, match=r"route_backward: grad_weights must be float32"):
         ops.route_backward(w.double(), s, w, e, s, "softmax", True, 1.0, torch.float32)
     with pytest.raises(RuntimeError, match=r"route_backward: grad_scores must have the shape of scores"):
         ops.route_backward(w, s[:, :1], w, e, s, "softmax", True, 1.0, torch.float32)

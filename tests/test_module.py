@@ -118,6 +118,47 @@ def gpt_oss_like(factor):
     return moe
 
 
+@pytest.mark.parametrize("options", [
+    dict(capacity_factor=None, activation="swiglu"),
+    dict(capacity_factor=1.0, priority="score", shared_hidden=5, shared_gate=True),
+    dict(capacity_factor=1.0, routing="experts"),
+    dict(capacity_factor=None, score="sigmoid", num_groups=2, topk_groups=1, logit_bias=True,
+         expert_bias=True, activation="swiglu_oai"),
+], ids=["dropless", "capacity_shared", "expert_choice", "sigmoid_groups_gpt_oss"])
+@pytest.mark.parametrize("how", ["double", "float64_input"])
+def test_layer_passes_gradcheck_in_float64(options, how):
+    """The whole layer, output and auxiliary loss, against finite differences:
+    after model.double() (the router computes in float64 too, not in its
+    float32 default) and for float64 input to a float32 layer (gradients with
+    respect to the input)."""
+    torch.manual_seed(0)
+    moe = mr.MoE(6, 8, 4, 2, z_loss_weight=0.1, **options)
+    with torch.no_grad():  # spread the logits: no top-k flips under finite differences
+        moe.router.weight.mul_(4)
+    if how == "double":
+        moe = moe.double()
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    assert moe.router(x.view(-1, 6)).logits.dtype == torch.float64
+
+    def layer(x):
+        return moe(x), moe.aux_loss
+
+    assert torch.autograd.gradcheck(layer, (x,))
+    if how == "double":  # and every parameter
+        params = [p for p in moe.parameters()]
+        assert torch.autograd.gradcheck(
+            lambda *ps: torch.func.functional_call(moe, dict(zip([n for n, _ in moe.named_parameters()], ps)),
+                                                   (x.detach(),)), params)
+
+
+def test_router_refuses_input_that_is_not_tokens_by_features():
+    router = mr.Router(6, 4, 2)
+    with pytest.raises(ValueError, match=r"Router: x must be \[T, d_model=6\].*got shape \(2, 5, 6\)"):
+        router(torch.randn(2, 5, 6))
+    with pytest.raises(ValueError, match=r"Router: x must be \[T, d_model=6\].*got shape \(5, 7\)"):
+        router(torch.randn(5, 7))
+
+
 @pytest.mark.parametrize("factor", [None, 1.0])
 def test_gpt_oss_layer_matches_reference_outputs_and_gradients(factor):
     moe = gpt_oss_like(factor)
@@ -228,6 +269,25 @@ def test_padding_tokens_get_zeros_and_are_excluded():
     x2 = x.clone()
     x2[1, 6:] = 100.0
     torch.testing.assert_close(moe(x2, mask)[mask], y[mask])
+
+
+def test_integer_attention_mask_reads_as_bool_and_a_float_mask_is_refused():
+    """Hugging Face's attention_mask is int64 0/1: the same routing, output and
+    statistics as the bool mask. A float mask may be additive (0 = keep,
+    -inf = padding): refused by name rather than read inverted."""
+    torch.manual_seed(0)
+    moe = mr.MoE(8, 16, 4, 2, capacity_factor=1.0)
+    x = torch.randn(2, 10, 8)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 6:] = False
+    y = moe(x, mask)
+    stats = dict(moe.stats)
+    for dtype in (torch.int64, torch.int32, torch.uint8):
+        assert torch.equal(moe(x, mask.to(dtype)), y)
+        assert torch.equal(moe.stats["load"], stats["load"]) and torch.equal(moe.stats["kept"], stats["kept"])
+    for dtype in (torch.float32, torch.bfloat16):
+        with pytest.raises(ValueError, match=r"MoE: mask must be bool .* or 0/1 integers, got torch\.(float32|bfloat16)"):
+            moe(x, mask.to(dtype))
 
 
 def test_capacity_drops_show_in_output_and_stats():
@@ -487,6 +547,20 @@ def test_bfloat16_activations():
     assert y.dtype == torch.bfloat16 and y.shape == x.shape
     y.float().sum().backward()
     assert x.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("options", [{}, dict(shared_hidden=8, shared_gate=True, expert_bias=True)])
+def test_float32_layer_takes_bfloat16_activations_without_autocast(options):
+    """Weights stay float32, activations are bfloat16: every product (routed
+    experts, shared expert and its gate) runs in the activations' dtype, and
+    the output equals the layer cast to bfloat16 on the same input (within
+    bfloat16's rounding: the cast rounds the weights too)."""
+    torch.manual_seed(0)
+    moe = mr.MoE(16, 32, 4, 2, capacity_factor=None, **options)
+    x = torch.randn(2, 9, 16).to(torch.bfloat16)
+    y = moe(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, copy.deepcopy(moe).to(torch.bfloat16)(x), rtol=2e-2, atol=4e-3)
 
 
 def test_empty_and_single_token_batches():
