@@ -314,7 +314,11 @@ class Experts(nn.Module):
         with g = min(x W_gate, limit) and u = clamp(x W_up, -limit, limit);
         ``alpha`` (1.702) and ``limit`` (7.0); :class:`MoE` takes them as
         ``swiglu_alpha`` and ``swiglu_limit``. Like the widths they are
-        constructor arguments, not part of the state dict.
+        constructor arguments, not part of the state dict;
+      * "swiglu_clamped": (silu(g) * u) W_out with the same g and u (HY-V4:
+        the gate is clamped before the SiLU);
+      * "swiglu_clamped_silu": (min(silu(x W_gate), limit) * u) W_out, u as
+        above (Step-3.7: the SiLU's output is clamped).
     Weights: ``w_in`` [E, d_model, d_hidden] and ``w_out`` [E, d_hidden, d_model];
     with a gated activation ``w_in`` is [E, d_model, 2 * d_hidden], W_gate's
     columns first, then W_up's. ``bias=True`` adds ``b_in`` [E, width of w_in]
@@ -333,7 +337,7 @@ class Experts(nn.Module):
             raise ValueError(f"Experts: limit must be > 0, got {limit}")
         self.activation = activation
         self.alpha, self.limit = float(alpha), float(limit)
-        width = 2 * d_hidden if activation in ("swiglu", "swiglu_oai") else d_hidden
+        width = 2 * d_hidden if activation in _GATED else d_hidden
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, width))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
         nn.init.uniform_(self.w_in, -1 / math.sqrt(d_model), 1 / math.sqrt(d_model))
@@ -382,21 +386,30 @@ class Experts(nn.Module):
     def _activate(self, h: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":  # one fused pass; saves h alone for backward
             return ops.swiglu(h.reshape(-1, h.shape[-1])).view(*h.shape[:-1], h.shape[-1] // 2)
-        if self.activation == "swiglu_oai":  # GPT-OSS's order of operations
+        if self.activation in _CLAMPED:
+            # Each in its model's order of operations, so low-precision results match too.
             gate, up = h.chunk(2, dim=-1)
-            gate = gate.clamp(max=self.limit)
             up = up.clamp(min=-self.limit, max=self.limit)
-            return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+            if self.activation == "swiglu_clamped_silu":  # Step-3.7
+                return F.silu(gate).clamp(max=self.limit) * up
+            gate = gate.clamp(max=self.limit)
+            if self.activation == "swiglu_clamped":  # HY-V4
+                return F.silu(gate) * up
+            return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))  # GPT-OSS
         return F.gelu(h) if self.activation == "gelu" else F.relu(h)
 
     def extra_repr(self) -> str:
         E, d_model, _ = self.w_in.shape
-        extra = f", alpha={self.alpha}, limit={self.limit}" if self.activation == "swiglu_oai" else ""
+        extra = f", limit={self.limit}" if self.activation in _CLAMPED else ""
+        if self.activation == "swiglu_oai":
+            extra = f", alpha={self.alpha}{extra}"
         return (f"num_experts={E}, d_model={d_model}, d_hidden={self.w_out.shape[1]}, "
                 f"activation={self.activation!r}, bias={self.b_in is not None}{extra}")
 
 
-_ACTIVATIONS = ("gelu", "relu", "swiglu", "swiglu_oai")
+_CLAMPED = ("swiglu_oai", "swiglu_clamped", "swiglu_clamped_silu")  # the SwiGLUs with a limit
+_GATED = ("swiglu",) + _CLAMPED  # w_in holds gate and up columns
+_ACTIVATIONS = ("gelu", "relu") + _GATED
 
 
 class MoE(nn.Module):
@@ -439,13 +452,16 @@ class MoE(nn.Module):
         z-loss still applies); ``load``/``kept`` count each expert's tokens and
         ``dropped_fraction`` is the share of valid tokens no expert took.
     ``activation``, ``expert_bias`` (biases in both products, GPT-OSS) and
-    ``swiglu_alpha``/``swiglu_limit`` (of ``activation="swiglu_oai"``) shape
-    the experts: see :class:`Experts`.
+    ``swiglu_alpha``/``swiglu_limit`` (of the clamped SwiGLUs, e.g.
+    ``activation="swiglu_oai"``) shape the experts: see :class:`Experts`.
     ``shared_hidden``: a shared expert, a dense FFN of that width (same
     activation and biases) run on every token and added to the routed output (DeepSeek,
     Qwen2-MoE, Llama 4); ``shared_gate=True`` scales it per token by
     ``sigmoid(x w)`` (Qwen2-MoE). Padding tokens get its output too (their
-    outputs are ignored anyway).
+    outputs are ignored anyway). ``shared_activation`` and
+    ``shared_swiglu_limit`` (None: the routed experts') give it another
+    activation or limit: HY-V4 clamps only its routed experts' SwiGLU,
+    Step-3.7 clamps the two at different limits.
     ``routing="balanced"``: BASE layers (Lewis et al. 2021), k = 1: in
     training every expert takes exactly its share of the valid tokens
     (:func:`balanced_assignment` on the router logits, its default 64
@@ -497,7 +513,9 @@ class MoE(nn.Module):
                  renormalize_after_drop: bool = False, capacity_per_row: bool = False,
                  expert_capacity: Optional[int] = None, expert_parallel=None,
                  expert_bias: bool = False, swiglu_alpha: float = 1.702,
-                 swiglu_limit: float = 7.0, stats_group=None, **router_options):
+                 swiglu_limit: float = 7.0, shared_activation: Optional[str] = None,
+                 shared_swiglu_limit: Optional[float] = None, stats_group=None,
+                 **router_options):
         super().__init__()
         if routing not in ("tokens", "experts", "balanced"):
             raise ValueError(
@@ -551,15 +569,21 @@ class MoE(nn.Module):
         if min_capacity < 0:
             raise ValueError(f"MoE: min_capacity must be >= 0, got {min_capacity}")
         self.capacity_per_row, self.expert_capacity = capacity_per_row, expert_capacity
-        if shared_gate and shared_hidden is None:
-            raise ValueError("MoE: shared_gate needs a shared expert (shared_hidden)")
+        for name, given in (("shared_gate", shared_gate),
+                            ("shared_activation", shared_activation is not None),
+                            ("shared_swiglu_limit", shared_swiglu_limit is not None)):
+            if given and shared_hidden is None:
+                raise ValueError(f"MoE: {name} needs a shared expert (shared_hidden)")
         if shared_hidden is not None:
             _check_sizes("MoE", shared_hidden=shared_hidden)
         # Shared expert (DeepSeek-V2/V3, Qwen2-MoE, Llama 4): one dense FFN of
         # width shared_hidden that every token passes through, its output
         # added to the routed one; with shared_gate scaled by sigmoid(x w_gate)
         # per token (Qwen2-MoE).
-        self.shared_expert = (Experts(1, d_model, shared_hidden, activation, **expert_options)
+        if shared_swiglu_limit is not None:
+            expert_options = dict(expert_options, limit=shared_swiglu_limit)
+        self.shared_expert = (Experts(1, d_model, shared_hidden, shared_activation or activation,
+                                      **expert_options)
                               if shared_hidden is not None else None)
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_gate else None
         self.aux_loss: Optional[torch.Tensor] = None

@@ -232,8 +232,13 @@ def test_moe_rejects_bad_options():
     with pytest.raises(ValueError, match="MoE: priority must be"):
         mr.MoE(8, 16, 4, priority="fastest")
     with pytest.raises(ValueError, match="Experts: activation must be one of 'gelu', 'relu', "
-                                         "'swiglu', 'swiglu_oai', got 'tanh'"):
+                                         "'swiglu', 'swiglu_oai', 'swiglu_clamped', "
+                                         "'swiglu_clamped_silu', got 'tanh'"):
         mr.MoE(8, 16, 4, activation="tanh")
+    for option in (dict(shared_activation="swiglu"), dict(shared_swiglu_limit=3.0)):
+        name = next(iter(option))
+        with pytest.raises(ValueError, match=f"MoE: {name} needs a shared expert"):
+            mr.MoE(8, 16, 4, **option)
     with pytest.raises(ValueError, match="Experts: limit must be > 0, got 0"):
         mr.Experts(4, 8, 16, "swiglu_oai", limit=0)
     with pytest.raises(ValueError, match="MoE: capacity factors must be > 0"):

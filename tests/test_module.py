@@ -11,21 +11,30 @@ from moe_routing import reference as ref
 
 
 def reference_activation(experts: mr.Experts, h: torch.Tensor) -> torch.Tensor:
-    """The activations written out from their papers (GPT-OSS's from its model card)."""
-    if experts.activation in ("swiglu", "swiglu_oai"):
+    """The activations written out from their papers (GPT-OSS's from its model
+    card, HY-V4's and Step-3.7's from their model code)."""
+    if experts.activation.startswith("swiglu"):
         gate, up = h[..., :h.shape[-1] // 2], h[..., h.shape[-1] // 2:]
         if experts.activation == "swiglu":
             return gate * torch.sigmoid(gate) * up
         limit = torch.tensor(experts.limit, dtype=h.dtype)
-        gate = torch.minimum(gate, limit)
         up = torch.maximum(torch.minimum(up, limit), -limit)
+        if experts.activation == "swiglu_clamped_silu":  # Step-3.7: SiLU's output clamped
+            return torch.minimum(gate * torch.sigmoid(gate), limit) * up
+        gate = torch.minimum(gate, limit)
+        if experts.activation == "swiglu_clamped":  # HY-V4: SiLU's input clamped
+            return gate * torch.sigmoid(gate) * up
         return gate * torch.sigmoid(experts.alpha * gate) * (up + 1)
     return F.gelu(h) if experts.activation == "gelu" else torch.maximum(h, torch.zeros_like(h))
 
 
 def reference_experts(moe: mr.MoE, rows: torch.Tensor) -> torch.Tensor:
     """Each expert's FFN applied to every row, [E, R, d]: a dense stand-in."""
-    experts = moe.experts
+    return reference_ffns(moe.experts, rows)
+
+
+def reference_ffns(experts: mr.Experts, rows: torch.Tensor) -> torch.Tensor:
+    """Each of ``experts``' FFNs applied to every row, [E, R, d]."""
     h = torch.einsum("rd,edf->erf", rows, experts.w_in)
     if experts.b_in is not None:
         h = h + experts.b_in[:, None]
@@ -33,9 +42,19 @@ def reference_experts(moe: mr.MoE, rows: torch.Tensor) -> torch.Tensor:
     return out if experts.b_out is None else out + experts.b_out[:, None]
 
 
+def reference_shared(moe: mr.MoE, tokens: torch.Tensor) -> torch.Tensor:
+    """The shared expert's output for every token (padding too), or zeros."""
+    if moe.shared_expert is None:
+        return torch.zeros_like(tokens)
+    shared = reference_ffns(moe.shared_expert, tokens)[0]
+    if moe.shared_gate is None:
+        return shared
+    return torch.sigmoid(tokens @ moe.shared_gate.weight.t()) * shared
+
+
 def reference_moe(moe: mr.MoE, x: torch.Tensor, mask=None):
     """The MoE forward written with reference ops and dense experts, sharing
-    moe's parameters: y[t] = sum over kept (t, e) of weight * expert_e(x[t])."""
+    moe's parameters: y[t] = shared(x[t]) + sum over kept (t, e) of weight * expert_e(x[t])."""
     d = x.shape[-1]
     tokens = x.reshape(-1, d)
     valid = None if mask is None else mask.reshape(-1)
@@ -48,7 +67,7 @@ def reference_moe(moe: mr.MoE, x: torch.Tensor, mask=None):
     if moe.routing == "experts":
         C = ref.capacity(T, E, k, factor, moe.min_capacity)
         ec_weights, ec_tokens = ref.expert_choice(scores, C, mask=valid)
-        y = torch.zeros_like(tokens)
+        y = reference_shared(moe, tokens)
         for e in range(E):
             for c in range(C):
                 t = int(ec_tokens[e, c])
@@ -61,7 +80,7 @@ def reference_moe(moe: mr.MoE, x: torch.Tensor, mask=None):
     # "batch" ranks by the raw top-1 probability (V-MoE, NLLB-MoE).
     by = scores.gather(1, experts) if moe.priority == "batch" else weights
     slots, load, kept = ref.plan(experts, E, C, weights=by, priority=moe.priority, mask=valid)
-    y = torch.zeros_like(tokens)
+    y = reference_shared(moe, tokens)
     for t in range(T):
         for j in range(k):
             if slots[t, j] >= 0:
@@ -159,13 +178,10 @@ def test_router_refuses_input_that_is_not_tokens_by_features():
         router(torch.randn(5, 7))
 
 
-@pytest.mark.parametrize("factor", [None, 1.0])
-def test_gpt_oss_layer_matches_reference_outputs_and_gradients(factor):
-    moe = gpt_oss_like(factor)
-    x = torch.randn(3, 13, 16, requires_grad=True)
-    mask = torch.rand(3, 13) > 0.2
-    h = torch.einsum("td,edf->etf", x.detach().reshape(-1, 16), moe.experts.w_in) + moe.experts.b_in[:, None]
-    assert (h[..., :24] > 7).any() and (h[..., 24:] < -7).any() and (h[..., 24:] > 7).any()
+def assert_matches_reference_with_gradients(moe: mr.MoE, x: torch.Tensor, mask) -> list:
+    """moe's output, kept choices and the gradients of x and every parameter
+    against reference_moe's; returns the names compared ("x", then the
+    parameters')."""
     y = moe(x, mask)
     grads = torch.autograd.grad((y.square().sum() + moe.aux_loss), [x, *moe.parameters()])
     y_ref, aux_ref, load, kept = reference_moe(moe, x, mask)
@@ -173,10 +189,21 @@ def test_gpt_oss_layer_matches_reference_outputs_and_gradients(factor):
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     assert torch.equal(moe.stats["kept"], kept)
     names = ["x"] + [name for name, _ in moe.named_parameters()]
-    assert {"router.logit_bias", "experts.b_in", "experts.b_out"} <= set(names)
     for name, a, b in zip(names, grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(b.abs().max())),
                                    msg=name)
+    return names
+
+
+@pytest.mark.parametrize("factor", [None, 1.0])
+def test_gpt_oss_layer_matches_reference_outputs_and_gradients(factor):
+    moe = gpt_oss_like(factor)
+    x = torch.randn(3, 13, 16, requires_grad=True)
+    mask = torch.rand(3, 13) > 0.2
+    h = torch.einsum("td,edf->etf", x.detach().reshape(-1, 16), moe.experts.w_in) + moe.experts.b_in[:, None]
+    assert (h[..., :24] > 7).any() and (h[..., 24:] < -7).any() and (h[..., 24:] > 7).any()
+    names = assert_matches_reference_with_gradients(moe, x, mask)
+    assert {"router.logit_bias", "experts.b_in", "experts.b_out"} <= set(names)
     if factor is not None:  # choices were dropped: the reference adds no b_out for them
         assert moe.stats["dropped_fraction"] > 0
 
@@ -238,6 +265,73 @@ def test_swiglu_oai_hand_values():
     out.sum().backward()
     assert gate.grad[2] == 0 and up.grad[3] == 0  # clamped: gate above 7, up below -7
     assert gate.grad[0] != 0 and up.grad[0] != 0
+
+
+def test_clamped_swiglu_hand_values():
+    """HY-V4's and Step-3.7's clamped SwiGLUs at hand-computed points, limit 3:
+    HY-V4 silu(min(g, 3)) * u, Step-3.7 min(silu(g), 3) * u, u = clamp(up, -3, 3).
+    At g = 3.1 they differ: silu(3.1) = 2.966 is under the limit (Step-3.7
+    keeps it) while HY-V4 clamps g to 3 first. No gradient through a clamp."""
+    import math
+
+    def silu(v):
+        return v / (1 + math.exp(-v))
+    gate_values = [1.0, -2.0, 5.0, 0.5, 3.1]
+    up_values = [2.0, 3.0, 1.0, -10.0, 1.0]
+    expected = {
+        "swiglu_clamped": [silu(1.0) * 2, silu(-2.0) * 3, silu(3.0), silu(0.5) * -3, silu(3.0)],
+        "swiglu_clamped_silu": [silu(1.0) * 2, silu(-2.0) * 3, 3.0, silu(0.5) * -3, silu(3.1)],
+    }
+    for activation, values in expected.items():
+        experts = mr.Experts(1, 2, 5, activation, limit=3.0)
+        gate = torch.tensor(gate_values, dtype=torch.float64, requires_grad=True)
+        up = torch.tensor(up_values, dtype=torch.float64, requires_grad=True)
+        out = experts._activate(torch.cat([gate, up]))
+        torch.testing.assert_close(out, torch.tensor(values, dtype=torch.float64), msg=activation)
+        out.sum().backward()
+        assert gate.grad[2] == 0 and up.grad[3] == 0  # clamped: gate 5 (silu 4.97), up -10
+        assert gate.grad[0] != 0 and up.grad[0] != 0
+        assert (gate.grad[4] == 0) == (activation == "swiglu_clamped")  # g = 3.1
+
+
+@pytest.mark.parametrize("factor", [None, 1.0])
+@pytest.mark.parametrize("activation,shared", [
+    ("swiglu_clamped", dict(shared_activation="swiglu")),  # HY-V4: the shared MLP unclamped
+    ("swiglu_clamped_silu", dict(shared_swiglu_limit=1.5)),  # Step-3.7: another limit
+])
+def test_clamped_swiglu_layer_matches_reference_outputs_and_gradients(activation, shared, factor):
+    """Dropless (packed rows, grouped products) and with a capacity (the
+    [E, C, d] buffer), expert weights large enough that the clamps at +-1 act;
+    the shared expert has its own activation or limit."""
+    torch.manual_seed(0)
+    moe = mr.MoE(16, 24, 8, 2, capacity_factor=factor, activation=activation, swiglu_limit=1.0,
+                 shared_hidden=12, **shared)
+    with torch.no_grad():
+        moe.experts.w_in.mul_(4)
+        moe.shared_expert.w_in.mul_(4)
+    x = torch.randn(3, 13, 16, requires_grad=True)
+    mask = torch.rand(3, 13) > 0.2
+    limit = max(moe.experts.limit, moe.shared_expert.limit)  # both clamps act (or would)
+    for experts in (moe.experts, moe.shared_expert):
+        h = torch.einsum("td,edf->etf", x.detach().reshape(-1, 16), experts.w_in)
+        gate, up = h.chunk(2, dim=-1)
+        gate = F.silu(gate) if activation == "swiglu_clamped_silu" else gate
+        assert (gate > limit).float().mean() > 0.05
+        assert (up > limit).float().mean() > 0.05 and (up < -limit).float().mean() > 0.05
+    names = assert_matches_reference_with_gradients(moe, x, mask)
+    assert {"shared_expert.w_in", "shared_expert.w_out"} <= set(names)
+    if factor is not None:
+        assert moe.stats["dropped_fraction"] > 0
+
+
+def test_shared_activation_and_limit_reach_the_shared_expert_alone():
+    moe = mr.MoE(8, 16, 4, 2, activation="swiglu_clamped", swiglu_limit=2.0, shared_hidden=8,
+                 shared_activation="swiglu_clamped_silu", shared_swiglu_limit=5.0)
+    assert (moe.experts.activation, moe.experts.limit) == ("swiglu_clamped", 2.0)
+    assert (moe.shared_expert.activation, moe.shared_expert.limit) == ("swiglu_clamped_silu", 5.0)
+    inherited = mr.MoE(8, 16, 4, 2, activation="swiglu_clamped", swiglu_limit=2.0, shared_hidden=8)
+    assert (inherited.shared_expert.activation, inherited.shared_expert.limit) == \
+        ("swiglu_clamped", 2.0)
 
 
 def test_batch_priority_ranks_by_raw_top1_probability_like_nllb_moe():
