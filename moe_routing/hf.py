@@ -66,6 +66,11 @@ Glm5NextTextMoE,
 ExaoneMoeSparseMoEBlock,
 SolarOpenMoE,
 Dots3NoteTextMoE, BeamMoE
+HYV4MoE, HYV4VLMoE            the same (one group in the released configs); experts whose
+                              SwiGLU clamps the gate before the SiLU, and up, at
+                              ``swiglu_limit`` (``activation="swiglu_clamped"``; no GPT-OSS
+                              alpha or +1; a limit at or below 0 is refused), the shared
+                              MLP unclamped (``shared_activation="swiglu"``)
 AXK2MoE                       the same without groups (A.X-K2-Light; ``n_group`` is
                               refused, see below)
 Mistral4MoE,                  DeepSeek-V3's groups over softmax scores, no bias,
@@ -80,8 +85,12 @@ HYV3MoE, Dots3NoteVisionMoE   ``fixed_bias``, renormalised; HY-V3 and dots3's vi
                               the model's dtype, where ``enable_moe_fp32_combine`` adds in
                               float32)
 Step3p7SparseMoeBlock         the same with the router's ``e_score_correction_bias``, the
-                              block's ``routed_scaling_factor`` and a shared expert; layers
-                              whose SwiGLU clamps (``swiglu_limits``) are refused
+                              block's ``routed_scaling_factor`` and a shared expert; where a
+                              layer clamps the SiLU's output, and up (experts at
+                              ``swiglu_limits``, shared expert at ``swiglu_limits_shared``),
+                              ``"swiglu_clamped_silu"`` with that limit (``activation`` and
+                              ``swiglu_limit``, ``shared_activation`` and
+                              ``shared_swiglu_limit``)
 AfmoeSparseMoeBlock           sigmoid scores, the block's ``expert_bias`` as ``fixed_bias``,
                               renormalised, ``route_scale``, shared experts (router
                               ``router.gate``)
@@ -116,10 +125,9 @@ PhiMoE (sparsemixer), Nemotron-H (non-gated experts behind latent
 projections), Laguna (soft-capped router logits), MiniMax-M3-VL (a
 non-SwiGLU shared MLP), LongCat-Flash (zero-computation experts),
 DeepSeek-V4 (hash-routed layers), JetMoE (its own expert layout),
-A.X-K1 (an RMSNorm on the block's output), HY-V4 and HY-V4-VL (a SwiGLU
-clamped at ``swiglu_limit`` without GPT-OSS's alpha and +1), Inkling
-(router-weighted shared experts: their sigmoid scores join the top-k
-normalisation), Inkling2 and Inkling2-Loop (a tanh-soft-capped SwiGLU),
+A.X-K1 (an RMSNorm on the block's output), Inkling (router-weighted
+shared experts: their sigmoid scores join the top-k normalisation),
+Inkling2 and Inkling2-Loop (a tanh-soft-capped SwiGLU),
 Kolibri-1 (its selection bias is added to the logits, before the sigmoid),
 MuseSpark (experts behind latent projections and norms, a norm after each
 expert), ZAYA (an MLP router carrying state from layer to layer, a skip
@@ -129,11 +137,9 @@ outputs and router logits), Gemma 4 and DiffusionGemma (router and experts
 inside the decoder layer, no block to swap; the router reads its own
 normalised input, not the experts', and scales each expert's weight), A.X-K2
 with expert groups (excluded groups' scores are set to 0, not -inf, so their
-experts can still be chosen over negatively biased ones), Step-3.7's clamped
-layers. Nor
-NLLB-MoE (biased ReLU experts,
-and transformers 5.24's ``NllbMoeExperts`` one-hot-encodes the 0/1 top-1 mask,
-so only experts 0 and 1 run; its router is reproduced exactly by
+experts can still be chosen over negatively biased ones). Nor NLLB-MoE
+(biased ReLU experts, and transformers 5.24's ``NllbMoeExperts``
+one-hot-encodes the 0/1 top-1 mask, so only experts 0 and 1 run; its router is reproduced exactly by
 ``MoE(k=2, normalize=False, priority="choice" or "batch",
 renormalize_after_drop=True, expert_capacity=C)``, tested against
 ``NllbMoeTop2Router``). Switch on transformers 5.0-5.17: its sparse MLP flattens the tokens before
@@ -173,7 +179,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .layers import MoE, _in_backward
+from .layers import _CLAMPED, MoE, _in_backward
 
 
 def _norm(router, normalize) -> bool:
@@ -279,19 +285,45 @@ def _dbrx(block, router):
     return dict(score="softmax", normalize=p is not None)
 
 
-def _step3p7(block, router):
-    """Sigmoid top-k with a selection bias, renormalised, the block's
-    ``routed_scaling_factor``. Step-3.7 clamps the SwiGLU of some layers'
-    experts or shared expert (``swiglu_limits``, ``swiglu_limits_shared``):
-    those are refused."""
-    clamped = [f"{what} at {part.limit}" for what, part in
-               (("experts", block.experts), ("shared expert", block.shared_experts))
-               if math.isfinite(getattr(part, "limit", math.inf))]
-    if clamped:
-        raise ValueError("moe_routing.hf.from_hf: Step3p7SparseMoeBlock with a clamped SwiGLU "
-                         f"({', '.join(clamped)}; swiglu_limits) is not supported: this layer's "
-                         "SwiGLU does not clamp")
-    return _top_k("sigmoid", True, scale="routed_scaling_factor")(block, router)
+def _clamped_swiglu(block, activation: str, limit: float, shared: bool = False) -> dict:
+    """The MoE options for a SwiGLU that clamps at ``limit`` as ``activation``
+    does (the shared expert's when ``shared``); an infinite limit clamps
+    nothing: plain "swiglu", whose fused kernel is faster."""
+    prefix = "shared_" if shared else ""
+    if limit == math.inf:
+        return {prefix + "activation": "swiglu"}
+    if not limit > 0:
+        raise ValueError(f"moe_routing.hf: {type(block).__name__} clamps its "
+                         f"{'shared expert' if shared else 'experts'}' SwiGLU at {limit}; only "
+                         "a positive limit is supported")
+    return {prefix + "activation": activation, prefix + "swiglu_limit": limit}
+
+
+def _hy_v4_swiglu(block) -> dict:
+    """HY-V4 clamps its routed experts' gate before the SiLU (and their up),
+    without GPT-OSS's alpha and +1; its shared MLP does not clamp. Its config
+    documents a limit at or below zero as no clamp, but its experts clamp at
+    any limit: such a limit is refused."""
+    name = type(block).__name__
+    if getattr(block.experts, "swiglu_limit", None) is None:
+        raise ValueError(f"moe_routing.hf: {name} of this transformers version lacks "
+                         "experts.swiglu_limit: a layout this module does not know")
+    limit = float(block.experts.swiglu_limit)
+    if not limit > 0:
+        raise ValueError(f"moe_routing.hf: {name} with swiglu_limit="
+                         f"{limit} is not supported: its config calls that no clamp, but its "
+                         "experts clamp at it")
+    return dict(_clamped_swiglu(block, "swiglu_clamped", limit), shared_activation="swiglu")
+
+
+def _step3p7_swiglu(block) -> dict:
+    """Step-3.7 clamps the SiLU's output (and up) of some layers' experts
+    (``swiglu_limits``) and shared expert (``swiglu_limits_shared``, another
+    limit); an unclamped one has an infinite limit."""
+    return {**_clamped_swiglu(block, "swiglu_clamped_silu",
+                              float(getattr(block.experts, "limit", math.inf))),
+            **_clamped_swiglu(block, "swiglu_clamped_silu",
+                              float(getattr(block.shared_experts, "limit", math.inf)), shared=True)}
 
 
 class _Family(NamedTuple):
@@ -309,6 +341,8 @@ class _Family(NamedTuple):
     # GPT-OSS) or "dbrx" (``experts.mlp``'s w1, v1 and w2, each [E*F, H]).
     layout: str = "linear"
     oai_experts: bool = False         # biased experts, GPT-OSS's clamped SwiGLU (alpha, limit)
+    # Other clamped SwiGLUs (HY-V4, Step-3.7): block -> MoE options (see _activations).
+    swiglu_clamps: Optional[Callable[[nn.Module], dict]] = None
     router_bias: bool = False         # the router adds its ``bias`` [E] to the logits
     returns_tuple: bool = False       # forward returns (hidden_states, router_logits)
 
@@ -393,6 +427,8 @@ _FAMILIES = {
             "Glm5NextTextMoE Dots1MoE KimiLinearMoE BailingHybridMoE MiMoV2FlashMoE "
             "ExaoneMoeSparseMoEBlock SolarOpenMoE Dots3NoteTextMoE BeamMoE",
             _Family(_grouped("sigmoid"), bias="gate.e_score_correction_bias")),
+    **_each("HYV4MoE HYV4VLMoE", _Family(_grouped("sigmoid"), bias="gate.e_score_correction_bias",
+                                        swiglu_clamps=_hy_v4_swiglu)),
     "AXK2MoE": _Family(_axk2, bias="gate.e_score_correction_bias"),
     "Mistral4MoE": _Family(_grouped("softmax")),
     "MistralLarge4TextMoE": _Family(_grouped("softmax", True)),
@@ -401,7 +437,9 @@ _FAMILIES = {
     **_each("HYV3MoE Dots3NoteVisionMoE",
             _Family(_top_k("sigmoid", True, scale="router_scaling_factor"),
                     bias="e_score_correction_bias")),
-    "Step3p7SparseMoeBlock": _Family(_step3p7, bias="gate.e_score_correction_bias"),
+    "Step3p7SparseMoeBlock": _Family(_top_k("sigmoid", True, scale="routed_scaling_factor"),
+                                     bias="gate.e_score_correction_bias",
+                                     swiglu_clamps=_step3p7_swiglu),
     "FlintSparseMoeBlock": _Family(_top_k("sigmoid", "norm_topk_prob")),
     "AfmoeSparseMoeBlock": _Family(_top_k("sigmoid", True, scale="route_scale"),
                                    router="router", weight="gate.weight", bias="expert_bias"),
@@ -510,9 +548,8 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
     w_in, w_out = family.read_experts(experts)
     F_hidden = w_out.shape[1]
     dtype, device = w_in.dtype, w_in.device
-    options = dict(capacity_factor=None, activation="swiglu_oai" if oai else "swiglu",
-                   expert_bias=oai, logit_bias=family.router_bias, aux_loss_weight=0.0,
-                   z_loss_weight=0.0,
+    options = dict(capacity_factor=None, expert_bias=oai, logit_bias=family.router_bias,
+                   aux_loss_weight=0.0, z_loss_weight=0.0,
                    # float64 models route in float64 (so tests can compare
                    # exactly); everything else in float32.
                    dtype=torch.float64 if dtype == torch.float64 else torch.float32,
@@ -528,8 +565,7 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
                              "bias-free linear maps gate_proj, up_proj, down_proj")
         options.update(shared_hidden=shared.down_proj.weight.shape[1],
                        shared_gate=shared_gate is not None)
-    if oai:
-        options.update(swiglu_alpha=float(experts.alpha), swiglu_limit=float(experts.limit))
+    options.update(_activations(family, block, shared is not None))
     _check_overrides(name, options, overrides)
     options.update(overrides)
     moe = MoE(H, F_hidden, E, top_k, **options).to(device)
@@ -555,13 +591,38 @@ def from_hf(block: nn.Module, **overrides) -> MoE:
     return moe.train(block.training)
 
 
+def _activations(family: _Family, block: nn.Module, has_shared: bool) -> dict:
+    """The MoE options (activation, swiglu_alpha/swiglu_limit, and with a
+    shared expert shared_activation/shared_swiglu_limit) that give the
+    experts the block's activations."""
+    if family.oai_experts:
+        options = dict(activation="swiglu_oai", swiglu_alpha=float(block.experts.alpha),
+                       swiglu_limit=float(block.experts.limit))
+    elif family.swiglu_clamps:
+        options = family.swiglu_clamps(block)
+    else:
+        options = dict(activation="swiglu")
+    if not has_shared:
+        return {key: value for key, value in options.items() if not key.startswith("shared_")}
+    return {"shared_activation": options["activation"], **options}
+
+
+def _swiglu_signature(activation: str, alpha: Optional[float], limit: Optional[float]) -> str:
+    """What experts compute besides their weights, as text: the activation
+    and the constants it uses."""
+    alpha_text = f", alpha={alpha}" if activation == "swiglu_oai" else ""
+    limit_text = f", limit={limit}" if activation in _CLAMPED else ""
+    return f"activation={activation!r}{alpha_text}{limit_text}"
+
+
 def _check_overrides(name: str, options: dict, overrides: dict) -> None:
     """Overrides may change how the layer trains (capacity, losses, balancing)
     and may add zero-initialised biases, but not the function the copied
     weights compute: not the experts' activation or shared expert, and not
     drop the block's own biases."""
     block_value = {"shared_hidden": None, "shared_gate": False, **options}
-    for key in ("activation", "swiglu_alpha", "swiglu_limit", "shared_hidden", "shared_gate"):
+    for key in ("activation", "swiglu_alpha", "swiglu_limit", "shared_hidden", "shared_gate",
+                "shared_activation", "shared_swiglu_limit"):
         if key in overrides and key in block_value and overrides[key] != block_value[key]:
             raise ValueError(f"moe_routing.hf.from_hf: {key}={overrides[key]!r} contradicts "
                              f"{name}, whose weights need {key}={block_value[key]!r}")
@@ -624,7 +685,9 @@ def to_hf(moe: MoE, block: nn.Module) -> nn.Module:
     ``fixed_bias`` plus any learned balancing ``bias``); a block without one
     has no place for a balancing bias and refuses a non-zero one (this
     reads it: a host synchronisation). Every shape is checked before
-    anything is written. Returns ``block``."""
+    anything is written, and the experts' activations (a MoE whose
+    activation, alpha or limit differs from the block's is refused).
+    Returns ``block``."""
     _write(_checked_pairs(moe, block))
     return block
 
@@ -650,7 +713,7 @@ def _checked_pairs(moe: MoE, block: nn.Module) -> list:
             expert = block.experts[f"expert_{e}"]
             pairs += [("experts.w_in", expert.wi.weight, moe.experts.w_in[e].t()),
                       ("experts.w_out", expert.wo.weight, moe.experts.w_out[e].t())]
-        correction, holds_biases = None, False
+        correction, holds_biases, family = None, False, None
     else:
         parts = _parts(block, "to_hf")
         experts, correction, family = parts.experts, parts.bias, parts.family
@@ -660,11 +723,9 @@ def _checked_pairs(moe: MoE, block: nn.Module) -> list:
         if family.router_bias and router.logit_bias is not None:
             pairs.append(("router.logit_bias", parts.router.bias, router.logit_bias))
         if family.oai_experts:
-            if moe.experts.b_in is None or moe.experts.activation != "swiglu_oai" or \
-                    (moe.experts.alpha, moe.experts.limit) != (experts.alpha, experts.limit):
-                raise ValueError(f"moe_routing.hf.to_hf: the MoE's experts are not {name}'s "
-                                 "(biased, swiglu_oai with its alpha and limit): not the block "
-                                 "this MoE was made from")
+            if moe.experts.b_in is None:
+                raise ValueError(f"moe_routing.hf.to_hf: the MoE has no experts.b_in, which "
+                                 f"{name} holds: not the block this MoE was made from")
             pairs += [("experts.b_in", experts.gate_up_proj_bias,
                        family.to_block(moe.experts.b_in, gate_up=True)),
                       ("experts.b_out", experts.down_proj_bias, moe.experts.b_out)]
@@ -688,6 +749,20 @@ def _checked_pairs(moe: MoE, block: nn.Module) -> list:
             raise ValueError(f"moe_routing.hf.to_hf: {what} of the MoE is {tuple(source.shape)} in "
                              f"{name}'s layout, which needs {tuple(destination.shape)}: not the "
                              "block this MoE was made from")
+    if family is not None:  # other activations: the weights would compute another function
+        wanted = _activations(family, block, moe.shared_expert is not None)
+        for label, part, prefix in (("experts", moe.experts, ""),
+                                    ("shared_expert", moe.shared_expert, "shared_")):
+            if part is None:
+                continue
+            limit = wanted.get(prefix + "swiglu_limit", wanted.get("swiglu_limit"))
+            theirs = _swiglu_signature(wanted[prefix + "activation"], wanted.get("swiglu_alpha"),
+                                       limit)
+            ours = _swiglu_signature(part.activation, part.alpha, part.limit)
+            if ours != theirs:
+                raise ValueError(f"moe_routing.hf.to_hf: the MoE's experts are not {name}'s: "
+                                 f"its {label} has {ours}, where {name}'s has {theirs}; not the "
+                                 "block this MoE was made from")
     if correction is None and router.bias is not None and bool(router.bias.any()):
         raise ValueError(f"moe_routing.hf.to_hf: the MoE learned a balancing bias, which {name} "
                          "cannot hold (it has no selection bias)")
@@ -952,7 +1027,8 @@ def patch(model: nn.Module, **overrides) -> PatchHandle:
     models = [(m, positions) for m in holders if (positions := _mask_positions(m))]
     masks = _PatchMasks([positions for _, positions in models])
     # Every block is converted before any is swapped: a block from_hf refuses
-    # (e.g. one of Step-3.7's clamped layers) leaves the model as it was.
+    # (e.g. a layer with a setting this layer cannot express) leaves the model
+    # as it was.
     for qualified, block in targets:
         name = ("decoder_attention_mask" if encoder_decoder and "decoder" in qualified.split(".")
                 else "attention_mask")

@@ -149,6 +149,13 @@ CONFIGS = {
                    dict(**{k: v for k, v in GROUPED.items()
                            if k not in ("intermediate_size", "first_k_dense_replace")},
                         head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, **COMMON)),
+    # DeepSeek-V3's router; experts whose SwiGLU clamps (gate before the
+    # SiLU, and up) at swiglu_limit, low enough here that it acts; the shared
+    # MLP does not clamp.
+    "hy_v4": ("HYV4Config", "HYV4ForCausalLM",
+              dict(**GROUPED, mlp_layer_types=["sparse", "sparse"], index_topk=4, index_head_dim=8,
+                   index_n_heads=2, hc_mult=2, swiglu_limit=2.0, pad_token_id=0, bos_token_id=1,
+                   eos_token_id=2, **{**MLA, "q_lora_rank": 16})),
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
                 dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
                      layer_types=["sliding_attention", "full_attention"], sliding_window=4,
@@ -231,7 +238,8 @@ SELECTION_BIAS = {**{family: "gate.e_score_correction_bias" for family in (
                      "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "deepseek_v32",
                      "kimi_linear", "bailing_hybrid", "mimo_v2_flash", "glm_moe_dsa",
                      "exaone_moe", "solar_open", "glm4v_moe", "glm5_next", "beam", "dots3_note",
-                     "axk2", "step3p7")},
+                     "axk2", "step3p7", "step3p7_clamped", "step3p7_clamped_shared", "hy_v4",
+                     "hy_v4_vl")},
                   "ernie4_5_moe": "gate.moe_statics.e_score_correction_bias",
                   "minimax_m2": "e_score_correction_bias", "hy_v3": "e_score_correction_bias",
                   "dots3_note_vision": "e_score_correction_bias",
@@ -239,10 +247,14 @@ SELECTION_BIAS = {**{family: "gate.e_score_correction_bias" for family in (
 # Parameters Hugging Face initialises to zeros or too small to matter, made
 # random: (path, std). GPT-OSS and the privacy filter: the router's and
 # experts' biases, and expert weights large enough that the SwiGLU's clamps
-# at +-limit (7) act.
+# at +-limit (7) act. HY-V4: expert and shared weights large enough that the
+# experts' clamps at +-2 act (and would act on the shared MLP, if it clamped).
 OAI_RANDOMISED = [("router.bias", 0.5), ("experts.gate_up_proj", 1.5),
                   ("experts.gate_up_proj_bias", 1.0), ("experts.down_proj_bias", 0.5)]
-RANDOMISED = {"gpt_oss": OAI_RANDOMISED, "openai_privacy_filter": OAI_RANDOMISED}
+HY_V4_RANDOMISED = [("experts.gate_up_proj", 0.5), ("shared_experts.gate_proj.weight", 0.5),
+                    ("shared_experts.up_proj.weight", 0.5)]
+RANDOMISED = {"gpt_oss": OAI_RANDOMISED, "openai_privacy_filter": OAI_RANDOMISED,
+              "hy_v4": HY_V4_RANDOMISED, "hy_v4_vl": HY_V4_RANDOMISED}
 # Expert weights stored [E, H, 2F] / [E, F, H] (this layer's layout) rather
 # than nn.Linear's [E, 2F, H] / [E, H, F].
 TRANSPOSED = {"llama4", "aria", "openai_privacy_filter", "gpt_oss"}
@@ -316,6 +328,9 @@ def tiny(family, **changes):
     return model
 
 
+# Step-3.7's expert count is n_routed_experts (num_local_experts does not set it).
+STEP3P7 = dict(moe_intermediate_size=16, share_expert_dim=24, n_routed_experts=6,
+               num_experts_per_tok=2, moe_router_scaling_factor=1.5)
 # MoE blocks of multimodal models (text ones unless named), built alone from
 # their configs: family: (transformers module, block class, config class, options).
 TEXT_BLOCKS = {
@@ -342,9 +357,15 @@ TEXT_BLOCKS = {
        for family, block_class, config_class in (
            ("deepseek_ocr2", "DeepseekOcr2TextMoe", "DeepseekOcr2TextConfig"),
            ("unlimited_ocr", "UnlimitedOcrTextMoe", "UnlimitedOcrTextConfig"))},
-    "step3p7": ("step3p7", "Step3p7SparseMoeBlock", "Step3p7TextConfig",
-                dict(moe_intermediate_size=16, share_expert_dim=24, num_local_experts=6,
-                     num_experts_per_tok=2, moe_router_scaling_factor=1.5)),
+    "step3p7": ("step3p7", "Step3p7SparseMoeBlock", "Step3p7TextConfig", STEP3P7),
+    # Step-3.7's clamped SwiGLU (the SiLU's output, and up) at limits low
+    # enough that it acts: the experts' and the shared expert's at different
+    # limits, and the shared expert's alone.
+    "step3p7_clamped": ("step3p7", "Step3p7SparseMoeBlock", "Step3p7TextConfig",
+                        dict(STEP3P7, swiglu_limits=[0.5], swiglu_limits_shared=[0.8])),
+    "step3p7_clamped_shared": ("step3p7", "Step3p7SparseMoeBlock", "Step3p7TextConfig",
+                               dict(STEP3P7, swiglu_limits_shared=[0.8])),
+    "hy_v4_vl": ("hy_v4_vl", "HYV4VLMoE", "HYV4VLTextConfig", dict(GROUPED, swiglu_limit=2.0)),
     "dots3_note_vision": ("dots3_note", "Dots3NoteVisionMoE", "Dots3NoteVisionConfig",
                           dict(adapter_in_dim=32, num_attention_heads=4, num_hidden_layers=1,
                                moe_intermediate_size=16, pyramid_num_routed=[6],
@@ -824,6 +845,119 @@ def test_gpt_oss_biases_and_its_alpha_and_limit_are_carried_over(family):
     assert torch.equal(block.router.bias, before)
 
 
+def _hf_clamped_swiglu(family):
+    """(routed experts' limit, shared expert's limit, clamps after the SiLU)
+    of a family as its block's constructor reads them from the config
+    (swiglu_limit; Step-3.7's swiglu_limits and swiglu_limits_shared: 0 or
+    absent means no clamp, written here as None)."""
+    options = CONFIGS[family][2] if family in CONFIGS else TEXT_BLOCKS[family][3]
+    if family.startswith("step3p7"):
+        return (options.get("swiglu_limits", [None])[0],
+                options.get("swiglu_limits_shared", [None])[0], True)
+    return options["swiglu_limit"], None, False
+
+
+CLAMPED_SWIGLU_FAMILIES = ["hy_v4", "hy_v4_vl", "step3p7_clamped", "step3p7_clamped_shared"]
+
+
+@pytest.mark.parametrize("family", CLAMPED_SWIGLU_FAMILIES)
+def test_clamped_swiglu_families_clamp_like_their_blocks(family):
+    """HY-V4 (the gate clamped before the SiLU; the shared MLP unclamped) and
+    Step-3.7 (the SiLU's output clamped; the experts and the shared expert at
+    their own limits): the clamps act on a visible fraction of the inputs
+    (or would, where the block does not clamp; the comparisons of outputs
+    and gradients with the blocks are in the tests over FAMILIES and
+    TEXT_BLOCKS), the activation equals the block's own bit for bit in
+    bfloat16, and from_hf and to_hf refuse another clamp."""
+    block = text_block(family) if family in TEXT_BLOCKS else blocks(tiny(family))[0]
+    name = type(block).__name__
+    limit, shared_limit, after_silu = _hf_clamped_swiglu(family)
+    moe = mrhf.from_hf(block)
+    x = torch.randn(30, 32)
+    with torch.no_grad():
+        gate, up = (x @ block.experts.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+        shared = block.shared_experts
+        # An unclamped one (None) exceeds the other's limit: a clamp there would act.
+        for clamp, g, u in [(limit or shared_limit, gate, up),
+                            (shared_limit or limit, shared.gate_proj(x), shared.up_proj(x))]:
+            clamped_gate = torch.nn.functional.silu(g) if after_silu else g
+            assert (clamped_gate > clamp).float().mean() > 0.05
+            assert (u > clamp).float().mean() > 0.05 and (u < -clamp).float().mean() > 0.05
+    # Bit for bit in bfloat16: the same operations in the same order.
+    if limit is not None:
+        h = (torch.randn(64, 32) * 2).bfloat16()
+        assert torch.equal(moe.experts._activate(h), block.experts._apply_gate(h))
+    # The same weights under another clamp compute another function.
+    changed = dict(swiglu_limit=3.0) if limit is not None else dict(shared_swiglu_limit=3.0)
+    key, value = next(iter(changed.items()))
+    with pytest.raises(ValueError, match=f"{key}={value} contradicts {name}"):
+        mrhf.from_hf(block, **changed)
+    with pytest.raises(ValueError, match=f"shared_activation='swiglu_oai' contradicts {name}"):
+        mrhf.from_hf(block, shared_activation="swiglu_oai")
+    other = mrhf.from_hf(block)
+    (other.shared_expert if limit is None else other.experts).limit = 3.0
+    before = [p.clone() for p in block.parameters()]
+    label = "experts" if limit is not None else "shared_expert"
+    with pytest.raises(ValueError, match=f"to_hf: the MoE's experts are not {name}'s: its "
+                                         f"{label} has .*limit=3.0"):
+        mrhf.to_hf(other, block)
+    assert all(torch.equal(a, b) for a, b in zip(block.parameters(), before))  # nothing written
+
+
+def test_patch_step3p7_model_with_clamped_layers():
+    """A Step-3.7 model whose first layer clamps its experts and second its
+    shared expert: patched, the real tokens' hidden states (left padding) and
+    the input gradients are the same; undo() restores the blocks, and
+    undo(copy_weights=True) keeps a fine-tuned function."""
+    modeling_step3p7 = pytest.importorskip("transformers.models.step3p7.modeling_step3p7")
+    config = transformers.Step3p7TextConfig(
+        **{**COMMON, **STEP3P7}, head_dim=8, sliding_window=4,
+        mlp_layer_types=["sparse", "sparse"], swiglu_limits=[0.5, 0.0],
+        swiglu_limits_shared=[0.0, 0.8])
+    torch.manual_seed(0)
+    original = modeling_step3p7.Step3p7TextModel(config).eval()
+    for block in blocks(original):
+        with torch.no_grad():
+            for weight in (block.experts.gate_up_proj, block.shared_experts.gate_proj.weight,
+                           block.shared_experts.up_proj.weight):
+                weight.normal_(std=0.5)  # pre-activations well past the limits
+        randomise("step3p7", block)
+    model = copy.deepcopy(original)
+    handle = mrhf.patch(model)
+    assert [(r.moe.experts.activation, r.moe.shared_expert.activation)
+            for _, _, r in handle.blocks] == [("swiglu_clamped_silu", "swiglu"),
+                                              ("swiglu", "swiglu_clamped_silu")]
+    ids = torch.randint(1, 64, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    expected = original(input_ids=ids, attention_mask=mask).last_hidden_state
+    got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+    # A random projection: a sum of squares of normalised states is nearly
+    # constant, its gradient mostly rounding.
+    projection = torch.randn_like(expected[real])
+    (expected[real] * projection).sum().backward()
+    (got[real] * projection).sum().backward()
+    theirs = original.get_input_embeddings().weight.grad
+    torch.testing.assert_close(model.get_input_embeddings().weight.grad, theirs, rtol=1e-5,
+                               atol=1e-6 * float(theirs.abs().max()))
+    handle.undo()
+    assert blocks(model) == [model.layers[0].mlp, model.layers[1].mlp]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state,
+                                   original(input_ids=ids).last_hidden_state, rtol=0, atol=0)
+        handle = mrhf.patch(model)
+        for _, _, replacement in handle.blocks:
+            _perturb(replacement.moe)
+        tuned = model(input_ids=ids).last_hidden_state
+        handle.undo(copy_weights=True)
+        assert not torch.allclose(model(input_ids=ids).last_hidden_state,
+                                  original(input_ids=ids).last_hidden_state)
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, tuned,
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_to_hf_refuses_biases_a_block_cannot_hold():
     block = tiny("mixtral").model.layers[0].mlp
     for options, what in [(dict(expert_bias=True), "experts.b_in"),
@@ -903,10 +1037,15 @@ def test_from_hf_rejects_what_the_layer_cannot_express():
                                          "supported"):
         mrhf.from_hf(first_block("dbrx", ffn_config={**ffn_config,
                                                      "moe_normalize_expert_weights": 2.0}))
-    for clamp, what in [(dict(swiglu_limits=[7.0]), r"experts at 7.0"),
-                        (dict(swiglu_limits_shared=[16.0]), r"shared expert at 16.0")]:
-        with pytest.raises(ValueError, match=r"Step3p7SparseMoeBlock with a clamped SwiGLU "
-                                             rf"\({what}; swiglu_limits\) is not supported"):
+    # HY-V4's config documents a limit at or below zero as no clamp, while
+    # its experts clamp at it; Step-3.7 reads a negative limit as a clamp.
+    if hasattr(transformers, CONFIGS["hy_v4"][0]):  # newer than transformers 5.17
+        with pytest.raises(ValueError, match="HYV4MoE with swiglu_limit=0.0 is not supported"):
+            mrhf.from_hf(first_block("hy_v4", swiglu_limit=0.0))
+    for clamp, what in [(dict(swiglu_limits=[-1.0]), "experts' SwiGLU at -1.0"),
+                        (dict(swiglu_limits_shared=[-2.0]), "shared expert' SwiGLU at -2.0")]:
+        with pytest.raises(ValueError, match=f"Step3p7SparseMoeBlock clamps its {what}; only a "
+                                             "positive limit"):
             mrhf.from_hf(text_block("step3p7", **clamp))
     # A block laid out otherwise (here without its selection bias, one of
     # DBRX's expert weights or its router): a named error from both directions.
@@ -931,19 +1070,20 @@ def test_from_hf_rejects_what_the_layer_cannot_express():
 
 
 def test_patch_refusing_one_block_leaves_the_model_as_it_was():
-    """Step-3.7 clamps the SwiGLU of some layers only (here the second):
-    patch refuses the model without swapping the first layer's block."""
-    from transformers.models.step3p7 import modeling_step3p7
+    """A Step-3.7 model whose second layer has a SwiGLU limit from_hf refuses
+    (a negative one): patch refuses the model without swapping the first
+    layer's block."""
+    modeling_step3p7 = pytest.importorskip("transformers.models.step3p7.modeling_step3p7")
     config = transformers.Step3p7TextConfig(
-        **{**COMMON, **TEXT_BLOCKS["step3p7"][3]}, head_dim=8, sliding_window=4,
-        mlp_layer_types=["sparse", "sparse"], swiglu_limits=[0.0, 7.0])
+        **{**COMMON, **STEP3P7}, head_dim=8, sliding_window=4,
+        mlp_layer_types=["sparse", "sparse"], swiglu_limits=[7.0, -1.0])
     model = modeling_step3p7.Step3p7TextModel(config).eval()
     before = list(model.modules())
-    with pytest.raises(ValueError, match=r"Step3p7SparseMoeBlock with a clamped SwiGLU "
-                                         r"\(experts at 7.0"):
+    with pytest.raises(ValueError, match="Step3p7SparseMoeBlock clamps its experts' SwiGLU at "
+                                         "-1.0"):
         mrhf.patch(model)
     assert list(model.modules()) == before
-    mrhf.from_hf(model.layers[0].mlp)  # the unclamped layer converts
+    mrhf.from_hf(model.layers[0].mlp)  # the other layer converts
 
 
 # Each family's normalisation option the other way from CONFIGS / TEXT_BLOCKS.
