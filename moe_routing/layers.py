@@ -425,6 +425,9 @@ class MoE(nn.Module):
     carries them. After each forward:
       * ``aux_loss``: aux_loss_weight * load_balancing_loss + z_loss_weight * z_loss
         (a differentiable scalar; add ``moe_routing.aux_loss(model)`` to the loss);
+        a sigmoid router's scores enter the balancing loss normalised to sum
+        to 1 per token (see :func:`balancing_scores`), so it is 1 under
+        perfect balance for both scores;
       * ``stats``: dict of detached tensors: ``load`` [E], ``kept`` [E],
         ``dropped_fraction``, ``router_entropy`` (mean over valid tokens, nats),
         ``max_over_mean_load``, and the unweighted ``balance_loss`` and
@@ -610,7 +613,8 @@ class MoE(nn.Module):
         if _is_exporting():  # an inference graph needs neither losses nor statistics
             return y.view(shape)
         balance = (torch.zeros((), device=x.device) if self.routing != "tokens"
-                   else ops.load_balancing_loss(r.scores, r.experts, mask=valid))
+                   else ops.load_balancing_loss(balancing_scores(r.scores, self.router.score),
+                                                r.experts, mask=valid))
         z = ops.z_loss(r.logits, mask=valid)
         aux = self.aux_loss_weight * balance + self.z_loss_weight * z
         if _in_backward():
@@ -758,6 +762,15 @@ def _warn_if_losses_lost(moe: MoE) -> None:
         _warn("MoE: training-mode forward with gradients disabled: aux_loss has no gradient. "
               "Under torch.utils.checkpoint(use_reentrant=True) the auxiliary losses are "
               "silently lost; use use_reentrant=False.")
+
+
+def balancing_scores(scores: torch.Tensor, score: str) -> torch.Tensor:
+    """The scores whose mean P_e the balancing loss weighs: softmax
+    probabilities as they are; sigmoid scores normalised to sum to 1 per token
+    (DeepSeek-V3's normalised affinities; Megatron-Core's aux loss for
+    sigmoid routers). Raw sigmoid scores do not sum to 1: the loss would
+    reward lowering every score instead of evening out the load."""
+    return scores if score == "softmax" else scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
 
 
 def token_entropy(scores: torch.Tensor) -> torch.Tensor:

@@ -411,7 +411,8 @@ def forward(moe, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.
     r, y, load, kept, _ = moe._route_and_run(x, valid)
     if _is_exporting():
         return y.view(shape)
-    balance, z, stats = global_losses_and_stats(ep, r, load, kept, valid, moe.num_experts, moe.k)
+    balance, z, stats = global_losses_and_stats(ep, r, load, kept, valid, moe.num_experts, moe.k,
+                                                moe.router.score)
     aux = moe.aux_loss_weight * balance + moe.z_loss_weight * z
     if _in_backward():
         return y.view(shape)
@@ -421,12 +422,12 @@ def forward(moe, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.
     return y.view(shape)
 
 
-def global_losses_and_stats(ep, r, load, kept, valid, E, k):
+def global_losses_and_stats(ep, r, load, kept, valid, E, k, score):
     """Balancing loss, z-loss and statistics over ``ep.stats_group`` (see the
     module docstring for the gradient convention)."""
-    from .layers import token_entropy
+    from .layers import balancing_scores, token_entropy
     group = ep.stats_group
-    scores = r.scores
+    scores = balancing_scores(r.scores, score)
     n_local = (torch.tensor(scores.shape[0], device=scores.device) if valid is None
                else valid.sum())
     # Padding rows are selected out (torch.where), not multiplied by 0, so a
@@ -437,7 +438,7 @@ def global_losses_and_stats(ep, r, load, kept, valid, E, k):
     score_sum = masked(scores).sum(0)  # [E]
     lse = torch.logsumexp(r.logits.float(), dim=-1)
     z_sum = masked(lse ** 2).sum()
-    ent_sum = masked(token_entropy(scores.detach())).sum()
+    ent_sum = masked(token_entropy(r.scores.detach())).sum()
     counts = torch.cat([load, kept, n_local.reshape(1).long()])
     counts = _sum_over(ep, group, counts, "all_gather(counts)", differentiable=False)
     floats = torch.cat([score_sum, z_sum.reshape(1), ent_sum.reshape(1).to(score_sum.dtype)])

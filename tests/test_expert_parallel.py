@@ -63,7 +63,9 @@ def _reference(ref, x, mask, world, per_rank_capacity):
         y = ref(x, mask)
         kept = ref.stats["kept"]
     r = ref.router(x, mask)
-    balance = mr.load_balancing_loss(r.scores, r.experts, mask=mask)
+    # a sigmoid router's scores, normalised per token (DeepSeek-V3's affinities)
+    scores = r.scores if ref.router.score == "softmax" else r.scores / r.scores.sum(-1, keepdim=True)
+    balance = mr.load_balancing_loss(scores, r.experts, mask=mask)
     z = mr.z_loss(r.logits, mask=mask)
     aux = ref.aux_loss_weight * balance + ref.z_loss_weight * z
     stats = mr.routing_stats(r.scores.detach(), mr.expert_load(r.experts, ref.num_experts, mask),

@@ -617,6 +617,32 @@ def test_expert_choice_capacity_is_the_papers(T, E, k, factor, C):
     assert moe.stats["kept"].tolist() == [C] * E
 
 
+def test_sigmoid_router_balancing_loss_averages_normalised_scores():
+    """DeepSeek-V3's normalised affinities (Megatron-Core's aux loss for a
+    sigmoid router): E * sum_e f_e * mean_t(s_te / sum_e' s_te'), written out
+    here; and shifting every logit down, which leaves the routing as it is,
+    does not lower the loss (on raw sigmoid scores it fell from 4 to 0.1)."""
+    torch.manual_seed(0)
+    E, k = 4, 2
+    moe = mr.MoE(16, 8, E, k, score="sigmoid", capacity_factor=None, logit_bias=True,
+                 aux_loss_weight=1.0, z_loss_weight=0.0)
+    x = torch.randn(60, 16)
+    mask = torch.rand(60) > 0.2
+    moe(x, mask)
+    scores = torch.sigmoid(F.linear(x, moe.router.weight, moe.router.logit_bias))
+    chosen = scores.topk(k, dim=-1).indices[mask]
+    f = torch.bincount(chosen.flatten(), minlength=E).float() / (mask.sum() * k)
+    P = (scores / scores.sum(-1, keepdim=True))[mask].mean(0)
+    expected = E * (f * P).sum()
+    torch.testing.assert_close(moe.stats["balance_loss"], expected)
+    torch.testing.assert_close(moe.aux_loss, expected)
+    with torch.no_grad():
+        moe.router.logit_bias.fill_(-5.0)
+    moe(x, mask)
+    assert torch.equal(moe.stats["load"], torch.bincount(chosen.flatten(), minlength=E))
+    assert abs(float(moe.stats["balance_loss"]) - float(expected.detach())) < 0.05
+
+
 def test_aux_loss_sums_over_layers():
     model = torch.nn.Sequential(mr.MoE(8, 16, 4, 1), torch.nn.ReLU(), mr.MoE(8, 16, 4, 2))
     model(torch.randn(20, 8))
