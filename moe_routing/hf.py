@@ -879,14 +879,24 @@ def _wrap_checkpointing(model: nn.Module, masks: Optional[_PatchMasks]) -> None:
             module._gradient_checkpointing_func = _MaskPinningCheckpoint(function, masks)
 
 
+def _dynamo_traces_checkpoints_whole() -> bool:
+    """Whether Dynamo keeps a checkpointed layer's forward side effects (the
+    routing statistics) out of its recompute, and so traces the layer whole
+    instead of running a reentrant checkpoint eagerly."""
+    return bool(getattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", False))
+
+
 class _MaskPinningCheckpoint:
     """A layer's Hugging Face checkpointing function, calling the checkpointed
     function with the masks of this run pinned, so that its forward and each
     re-run of it in backward (reentrant or not, after any number of later
     forwards, inside an outer checkpoint too) route with them. Compiled
-    non-reentrant checkpointing re-runs no Python (the graph holds the
-    masks); reentrant checkpointing runs eagerly even under torch.compile,
-    so it is pinned in a frame Dynamo leaves alone."""
+    checkpointing that Dynamo traces whole re-runs no Python (the graph holds
+    the masks): non-reentrant always, reentrant with
+    ``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint``
+    (the README's setting; without it Dynamo runs the reentrant checkpoint
+    eagerly, re-running Python in backward), so only then is it pinned, in a
+    frame Dynamo leaves alone (a graph break per layer)."""
 
     def __init__(self, inner, masks: _PatchMasks):
         self.inner, self.masks = inner, masks
@@ -894,7 +904,7 @@ class _MaskPinningCheckpoint:
         self.reentrant = keywords.get("use_reentrant", True) is not False
 
     def __call__(self, function, *args, **kwargs):
-        if torch.compiler.is_compiling() and not self.reentrant:
+        if torch.compiler.is_compiling() and (not self.reentrant or _dynamo_traces_checkpoints_whole()):
             return self.inner(function, *args, **kwargs)
         return self._pinned_call(function, *args, **kwargs)
 

@@ -660,18 +660,35 @@ def test_layer_checkpointing_inside_an_outer_checkpoint_keeps_each_runs_mask():
         torch.testing.assert_close(g, expected[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+_SKIP_SIDE_EFFECTS = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+
+
+@pytest.mark.parametrize("skip_side_effects", [
+    False, pytest.param(True, marks=pytest.mark.skipif(
+        not hasattr(torch._dynamo.config, _SKIP_SIDE_EFFECTS), reason="this torch has no such setting"))],
+    ids=["default", "skip_side_effects"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_compiled_checkpointed_model_routes_each_run_with_its_mask(reentrant):
+def test_compiled_checkpointed_model_routes_each_run_with_its_mask(reentrant, skip_side_effects):
     """torch.compile of a patched model whose checkpointing was enabled after
-    patch, compiled before any eager forward: reentrant checkpointing runs
-    eagerly under compile (a graph break) and re-runs Python in backward, so
-    its masks must be pinned there too (they were not: 2.7e-2 off)."""
+    patch, compiled before any eager forward. With the README's Dynamo
+    setting every checkpointed layer is traced whole, reentrant too, with no
+    graph break (the reentrant layers broke the graph, one break each, until
+    the setting was read). Without it Dynamo runs reentrant checkpointing
+    eagerly and re-runs Python in backward, so its masks must be pinned
+    there (they were not: 2.7e-2 off)."""
+    from torch._dynamo.utils import counters
+    settings = {_SKIP_SIDE_EFFECTS: True} if skip_side_effects else {}
     expected = _grads_of_two_microbatches(_patched_for_masks())
     model = _patched_for_masks()
     _enable_checkpointing(model, reentrant)
-    got = _grads_of_two_microbatches(model, compile_model=True)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(**settings):
+        got = _grads_of_two_microbatches(model, compile_model=True)
     for name, g in got.items():
         torch.testing.assert_close(g, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    if skip_side_effects:
+        assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 def test_patched_model_pickles_and_deep_copies_with_masks_of_its_own():
