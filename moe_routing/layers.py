@@ -759,9 +759,11 @@ class MoE(nn.Module):
 
 def _warn_if_losses_lost(moe: MoE) -> None:
     if moe.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        _warn("MoE: training-mode forward with gradients disabled: aux_loss has no gradient. "
-              "Under torch.utils.checkpoint(use_reentrant=True) the auxiliary losses are "
-              "silently lost; use use_reentrant=False.")
+        _warn("MoE: training-mode forward with gradients disabled: aux_loss has no gradient, "
+              "and with bias_update_rate > 0 its load still counts toward the next update_bias(). "
+              "Under torch.no_grad() for inference, call model.eval() first; under "
+              "torch.utils.checkpoint(use_reentrant=True) the auxiliary losses are silently "
+              "lost: use use_reentrant=False.")
 
 
 def balancing_scores(scores: torch.Tensor, score: str) -> torch.Tensor:
