@@ -293,9 +293,9 @@ def _clamped_swiglu(block, activation: str, limit: float, shared: bool = False) 
     if limit == math.inf:
         return {prefix + "activation": "swiglu"}
     if not limit > 0:
-        raise ValueError(f"moe_routing.hf: {type(block).__name__} clamps its "
-                         f"{'shared expert' if shared else 'experts'}' SwiGLU at {limit}; only "
-                         "a positive limit is supported")
+        whose = "shared expert's" if shared else "experts'"
+        raise ValueError(f"moe_routing.hf: {type(block).__name__} clamps its {whose} SwiGLU at "
+                         f"{limit}; only a positive limit is supported")
     return {prefix + "activation": activation, prefix + "swiglu_limit": limit}
 
 
@@ -879,37 +879,21 @@ def _wrap_checkpointing(model: nn.Module, masks: Optional[_PatchMasks]) -> None:
             module._gradient_checkpointing_func = _MaskPinningCheckpoint(function, masks)
 
 
-def _dynamo_traces_checkpoints_whole() -> bool:
-    """Whether Dynamo keeps a checkpointed layer's forward side effects (the
-    routing statistics) out of its recompute, and so traces the layer whole
-    instead of running a reentrant checkpoint eagerly."""
-    return bool(getattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", False))
-
-
 class _MaskPinningCheckpoint:
     """A layer's Hugging Face checkpointing function, calling the checkpointed
     function with the masks of this run pinned, so that its forward and each
     re-run of it in backward (reentrant or not, after any number of later
-    forwards, inside an outer checkpoint too) route with them. Compiled
-    checkpointing that Dynamo traces whole re-runs no Python (the graph holds
-    the masks): non-reentrant always, reentrant with
-    ``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint``
-    (the README's setting; without it Dynamo runs the reentrant checkpoint
-    eagerly, re-running Python in backward), so only then is it pinned, in a
-    frame Dynamo leaves alone (a graph break per layer)."""
+    forwards, inside an outer checkpoint too) route with them. Under
+    torch.compile Dynamo traces the pinning with the layer (no graph break
+    where it traces the checkpoint whole), and where it cannot (a graph
+    break in the layer, or reentrant checkpointing without
+    ``skip_fwd_side_effects_in_bwd_under_checkpoint``) it runs this call
+    eagerly, pinned all the same."""
 
     def __init__(self, inner, masks: _PatchMasks):
         self.inner, self.masks = inner, masks
-        keywords = getattr(inner, "keywords", None) or {}
-        self.reentrant = keywords.get("use_reentrant", True) is not False
 
     def __call__(self, function, *args, **kwargs):
-        if torch.compiler.is_compiling() and (not self.reentrant or _dynamo_traces_checkpoints_whole()):
-            return self.inner(function, *args, **kwargs)
-        return self._pinned_call(function, *args, **kwargs)
-
-    @torch._dynamo.disable(recursive=False)
-    def _pinned_call(self, function, *args, **kwargs):
         pinned = functools.partial(self.masks.run_pinned, self.masks.masks_of_this_run(), function)
         return self.inner(pinned, *args, **kwargs)
 

@@ -579,6 +579,15 @@ class MoE(nn.Module):
                 raise ValueError(f"MoE: {name} needs a shared expert (shared_hidden)")
         if shared_hidden is not None:
             _check_sizes("MoE", shared_hidden=shared_hidden)
+        if shared_activation is not None and shared_activation not in _ACTIVATIONS:
+            raise ValueError(f"MoE: shared_activation must be None or one of "
+                             f"{', '.join(map(repr, _ACTIVATIONS))}, got {shared_activation!r}")
+        if shared_swiglu_limit is not None and (shared_activation or activation) not in _CLAMPED:
+            raise ValueError(f"MoE: shared_swiglu_limit needs a clamped shared SwiGLU "
+                             f"({', '.join(map(repr, _CLAMPED))}), got activation "
+                             f"{shared_activation or activation!r}")
+        if shared_swiglu_limit is not None and not shared_swiglu_limit > 0:
+            raise ValueError(f"MoE: shared_swiglu_limit must be > 0, got {shared_swiglu_limit}")
         # Shared expert (DeepSeek-V2/V3, Qwen2-MoE, Llama 4): one dense FFN of
         # width shared_hidden that every token passes through, its output
         # added to the routed one; with shared_gate scaled by sigmoid(x w_gate)
@@ -772,13 +781,19 @@ def balancing_scores(scores: torch.Tensor, score: str) -> torch.Tensor:
     (DeepSeek-V3's normalised affinities; Megatron-Core's aux loss for
     sigmoid routers). Raw sigmoid scores do not sum to 1: the loss would
     reward lowering every score instead of evening out the load."""
-    return scores if score == "softmax" else scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)
+    return scores if score == "softmax" else normalised_per_token(scores)
+
+
+def normalised_per_token(scores: torch.Tensor) -> torch.Tensor:
+    """scores [T, E] divided by each token's sum (a token whose scores all
+    underflow to 0 stays 0)."""
+    return scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
 def token_entropy(scores: torch.Tensor) -> torch.Tensor:
     """Each token's router entropy [T] (nats) over its scores normalised to
     sum to 1 (sigmoid scores too)."""
-    p = scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)
+    p = normalised_per_token(scores)
     return -(p * p.clamp_min(1e-30).log()).sum(-1)
 
 

@@ -436,7 +436,7 @@ def global_losses_and_stats(ep, r, load, kept, valid, E, k, score):
         return values if valid is None else torch.where(
             valid.reshape(-1, *[1] * (values.dim() - 1)), values, torch.zeros_like(values))
     score_sum = masked(scores).sum(0)  # [E]
-    lse = torch.logsumexp(r.logits.float(), dim=-1)
+    lse = torch.logsumexp(r.logits.to(scores.dtype), dim=-1)  # float32, or float64 for float64 logits
     z_sum = masked(lse ** 2).sum()
     ent_sum = masked(token_entropy(r.scores.detach())).sum()
     counts = torch.cat([load, kept, n_local.reshape(1).long()])

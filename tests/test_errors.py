@@ -241,6 +241,18 @@ def test_moe_rejects_bad_options():
             mr.MoE(8, 16, 4, **option)
     with pytest.raises(ValueError, match="Experts: limit must be > 0, got 0"):
         mr.Experts(4, 8, 16, "swiglu_oai", limit=0)
+    # The shared expert's own options are named, and a limit that nothing would use is refused.
+    with pytest.raises(ValueError, match="MoE: shared_activation must be None or one of 'gelu'.*got 'tanh'"):
+        mr.MoE(8, 16, 4, shared_hidden=8, shared_activation="tanh")
+    with pytest.raises(ValueError, match="MoE: shared_swiglu_limit needs a clamped shared SwiGLU .*"
+                                         "got activation 'swiglu'"):
+        mr.MoE(8, 16, 4, activation="swiglu", shared_hidden=8, shared_swiglu_limit=3.0)
+    with pytest.raises(ValueError, match="MoE: shared_swiglu_limit needs a clamped shared SwiGLU .*"
+                                         "got activation 'gelu'"):
+        mr.MoE(8, 16, 4, activation="swiglu_oai", shared_hidden=8, shared_activation="gelu",
+               shared_swiglu_limit=3.0)
+    with pytest.raises(ValueError, match="MoE: shared_swiglu_limit must be > 0, got -1"):
+        mr.MoE(8, 16, 4, activation="swiglu_clamped", shared_hidden=8, shared_swiglu_limit=-1.0)
     with pytest.raises(ValueError, match="MoE: capacity factors must be > 0"):
         mr.MoE(8, 16, 4, capacity_factor=0.0)
     with pytest.raises(ValueError, match="MoE: min_capacity must be >= 0, got -1"):

@@ -406,6 +406,15 @@ def _global_stats_worker(rank, world):
     compiled = torch.compile(later, fullgraph=True, backend="aot_eager")
     compiled(x[sl], mask[sl])
     _close(later.aux_loss, aux_ref, "compiled aux_loss")
+    # model.double(): the global losses are float64 like one process's (the
+    # z-loss was summed in float32: off by about 1e-8 relative).
+    wide_ref = mr.MoE(H, 16, 4, 2, **options)
+    wide_ref.load_state_dict(later.state_dict())
+    wide_ref.double()(x.double(), mask)
+    wide = copy.deepcopy(later).double()
+    wide(x[sl].double(), mask[sl])
+    assert wide.aux_loss.dtype == torch.float64
+    torch.testing.assert_close(wide.aux_loss, wide_ref.aux_loss, rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match="MoE: stats_group needs routing='tokens'"):
         mr.MoE(H, 16, 4, 2, routing="experts", stats_group=dist.group.WORLD)
     _check_global_stats_edges(rank, world, later.state_dict(), options, x[sl], mask[sl], aux_ref)

@@ -2,6 +2,7 @@
 tiny random models built from configs (no download), float32, Hugging Face's
 default experts implementation (grouped_mm, which has no float64)."""
 import copy
+import functools
 import operator
 import warnings
 
@@ -667,28 +668,40 @@ _SKIP_SIDE_EFFECTS = "skip_fwd_side_effects_in_bwd_under_checkpoint"
     False, pytest.param(True, marks=pytest.mark.skipif(
         not hasattr(torch._dynamo.config, _SKIP_SIDE_EFFECTS), reason="this torch has no such setting"))],
     ids=["default", "skip_side_effects"])
+@pytest.mark.parametrize("break_in_layer", [False, True], ids=["whole", "graph_break_in_layer"])
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_compiled_checkpointed_model_routes_each_run_with_its_mask(reentrant, skip_side_effects):
+def test_compiled_checkpointed_model_routes_each_run_with_its_mask(reentrant, skip_side_effects,
+                                                                  break_in_layer):
     """torch.compile of a patched model whose checkpointing was enabled after
     patch, compiled before any eager forward. With the README's Dynamo
     setting every checkpointed layer is traced whole, reentrant too, with no
     graph break (the reentrant layers broke the graph, one break each, until
-    the setting was read). Without it Dynamo runs reentrant checkpointing
-    eagerly and re-runs Python in backward, so its masks must be pinned
-    there (they were not: 2.7e-2 off)."""
+    the pinning was traced). Where Dynamo cannot trace the checkpoint (no
+    setting, or a graph break inside the layer) it runs it eagerly and
+    re-runs Python in backward, so the masks must be pinned there too (they
+    were not: 2.7e-2 off, with reentrant checkpointing)."""
     from torch._dynamo.utils import counters
     settings = {_SKIP_SIDE_EFFECTS: True} if skip_side_effects else {}
     expected = _grads_of_two_microbatches(_patched_for_masks())
     model = _patched_for_masks()
     _enable_checkpointing(model, reentrant)
+    if break_in_layer:
+        for layer in model.model.layers:
+            norm = layer.post_attention_layernorm
+            norm.forward = functools.partial(_forward_after_a_graph_break, norm.forward)
     torch._dynamo.reset()
     counters.clear()
     with torch._dynamo.config.patch(**settings):
         got = _grads_of_two_microbatches(model, compile_model=True)
     for name, g in got.items():
         torch.testing.assert_close(g, expected[name], rtol=1e-5, atol=1e-6, msg=name)
-    if skip_side_effects:
+    if skip_side_effects and not break_in_layer:
         assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def _forward_after_a_graph_break(forward, h):
+    torch._dynamo.graph_break()
+    return forward(h)
 
 
 def test_patched_model_pickles_and_deep_copies_with_masks_of_its_own():
@@ -1060,7 +1073,7 @@ def test_from_hf_rejects_what_the_layer_cannot_express():
         with pytest.raises(ValueError, match="HYV4MoE with swiglu_limit=0.0 is not supported"):
             mrhf.from_hf(first_block("hy_v4", swiglu_limit=0.0))
     for clamp, what in [(dict(swiglu_limits=[-1.0]), "experts' SwiGLU at -1.0"),
-                        (dict(swiglu_limits_shared=[-2.0]), "shared expert' SwiGLU at -2.0")]:
+                        (dict(swiglu_limits_shared=[-2.0]), "shared expert's SwiGLU at -2.0")]:
         with pytest.raises(ValueError, match=f"Step3p7SparseMoeBlock clamps its {what}; only a "
                                              "positive limit"):
             mrhf.from_hf(text_block("step3p7", **clamp))

@@ -35,6 +35,12 @@ CONFIGS = {
     "gpt_oss": dict(k=2, capacity_factor=None, activation="swiglu_oai", expert_bias=True,
                     logit_bias=True),
     "gpt_oss_capacity": dict(k=2, activation="swiglu_oai", expert_bias=True, logit_bias=True),
+    # HY-V4 (gate clamped before the SiLU, unclamped shared expert) and Step-3.7
+    # (SiLU output clamped, the shared expert at its own limit), limits low enough to act.
+    "hy_v4": dict(k=2, capacity_factor=None, activation="swiglu_clamped", swiglu_limit=0.3,
+                  shared_hidden=8, shared_activation="swiglu"),
+    "step37_capacity": dict(k=2, activation="swiglu_clamped_silu", swiglu_limit=0.2,
+                            shared_hidden=8, shared_swiglu_limit=0.1),
     "experts": dict(k=2, routing="experts", capacity_factor=1.0),
     "noise": dict(k=2, noise="gaussian", jitter=0.1),
     "bias_update": dict(k=2, score="sigmoid", bias_update_rate=0.01, num_groups=2, topk_groups=2),
@@ -82,6 +88,21 @@ def test_compile_matrix_no_graph_break_matches_eager(name, dynamic):
     assert counter.frame_count <= (3 if dynamic is False else 2), counter.frame_count
     if name == "bias_update":  # each forward (eager and compiled) counted its load once
         assert int(moe.router.pending_load.sum()) == 2 * 2 * (5 + 9 + 13) * 2
+
+
+def test_compiled_layer_takes_an_integer_attention_mask():
+    """Hugging Face's int64 0/1 attention_mask, compiled with fullgraph and
+    dynamic shapes: the bool mask's eager results."""
+    torch._dynamo.reset()
+    moe = make_moe("default").train()
+    compiled = torch.compile(moe, backend="aot_eager", fullgraph=True, dynamic=True)
+    for seq in (5, 9):
+        x = torch.randn(2, seq, D)
+        mask = torch.ones(2, seq, dtype=torch.bool)
+        mask[1, :3] = False
+        expected, expected_aux = moe(x, mask), moe.aux_loss
+        torch.testing.assert_close(compiled(x, mask.long()), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(moe.aux_loss, expected_aux, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("fullgraph", [False, True])
