@@ -179,7 +179,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .layers import _CLAMPED, MoE, _in_backward
+from .layers import MoE, _in_backward, activation_text
 
 
 def _norm(router, normalize) -> bool:
@@ -607,14 +607,6 @@ def _activations(family: _Family, block: nn.Module, has_shared: bool) -> dict:
     return {"shared_activation": options["activation"], **options}
 
 
-def _swiglu_signature(activation: str, alpha: Optional[float], limit: Optional[float]) -> str:
-    """What experts compute besides their weights, as text: the activation
-    and the constants it uses."""
-    alpha_text = f", alpha={alpha}" if activation == "swiglu_oai" else ""
-    limit_text = f", limit={limit}" if activation in _CLAMPED else ""
-    return f"activation={activation!r}{alpha_text}{limit_text}"
-
-
 def _check_overrides(name: str, options: dict, overrides: dict) -> None:
     """Overrides may change how the layer trains (capacity, losses, balancing)
     and may add zero-initialised biases, but not the function the copied
@@ -756,9 +748,9 @@ def _checked_pairs(moe: MoE, block: nn.Module) -> list:
             if part is None:
                 continue
             limit = wanted.get(prefix + "swiglu_limit", wanted.get("swiglu_limit"))
-            theirs = _swiglu_signature(wanted[prefix + "activation"], wanted.get("swiglu_alpha"),
+            theirs = activation_text(wanted[prefix + "activation"], wanted.get("swiglu_alpha"),
                                        limit)
-            ours = _swiglu_signature(part.activation, part.alpha, part.limit)
+            ours = activation_text(part.activation, part.alpha, part.limit)
             if ours != theirs:
                 raise ValueError(f"moe_routing.hf.to_hf: the MoE's experts are not {name}'s: "
                                  f"its {label} has {ours}, where {name}'s has {theirs}; not the "

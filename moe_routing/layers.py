@@ -400,11 +400,17 @@ class Experts(nn.Module):
 
     def extra_repr(self) -> str:
         E, d_model, _ = self.w_in.shape
-        extra = f", limit={self.limit}" if self.activation in _CLAMPED else ""
-        if self.activation == "swiglu_oai":
-            extra = f", alpha={self.alpha}{extra}"
         return (f"num_experts={E}, d_model={d_model}, d_hidden={self.w_out.shape[1]}, "
-                f"activation={self.activation!r}, bias={self.b_in is not None}{extra}")
+                f"{activation_text(self.activation, self.alpha, self.limit)}, "
+                f"bias={self.b_in is not None}")
+
+
+def activation_text(activation: str, alpha: Optional[float], limit: Optional[float]) -> str:
+    """What experts compute besides their weights, as text: the activation
+    and the constants it uses (alpha for GPT-OSS's, a clamped SwiGLU's limit)."""
+    alpha_text = f", alpha={alpha}" if activation == "swiglu_oai" else ""
+    limit_text = f", limit={limit}" if activation in _CLAMPED else ""
+    return f"activation={activation!r}{alpha_text}{limit_text}"
 
 
 _CLAMPED = ("swiglu_oai", "swiglu_clamped", "swiglu_clamped_silu")  # the SwiGLUs with a limit
@@ -671,8 +677,9 @@ class MoE(nn.Module):
         has one (``stats_group``; with ``expert_parallel`` the whole world
         unless ``parallel.set_stats_group`` changed it, which contains the
         expert-parallel group)."""
-        if group is None and self._stats_context() is not None:
-            group = self._stats_context().stats_group
+        context = self._stats_context()
+        if group is None and context is not None:
+            group = context.stats_group
         self.router.update_bias(group)
 
     def _stats_context(self):
