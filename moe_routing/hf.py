@@ -173,6 +173,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -965,26 +966,104 @@ class PatchHandle:
         self.model = model
         self.blocks: List[Tuple[str, nn.Module, MaskedMoE]] = []
         self._hooks: list = []
+        # Where and in which dtype each replacement's experts were when the
+        # original was last placed like them (see _originals_follow_the_model).
+        self._placements: List[Tuple[torch.device, torch.dtype]] = []
+
+    def _add(self, qualified: str, original: nn.Module, replacement: MaskedMoE) -> None:
+        self.blocks.append((qualified, original, replacement))
+        w_in = replacement.moe.experts.w_in
+        self._placements.append((w_in.device, w_in.dtype))
 
     def undo(self, copy_weights: bool = False) -> None:
-        """Puts the original blocks back. Their weights are as they were
-        before :func:`patch` (training the patched model does not change
-        them) unless ``copy_weights``: then each replacement's weights are
-        written into its block first (:func:`to_hf`), so that a fine-tuned
-        model goes back to Hugging Face's layout, e.g. for ``save_pretrained``."""
-        if copy_weights:  # every block checked before any is written
-            _write([pair for _, original, replacement in self.blocks
-                    for pair in _checked_pairs(replacement.moe, original)])
-        for qualified, original, _ in self.blocks:
-            parent, _, attr = qualified.rpartition(".")
-            setattr(self.model.get_submodule(parent) if parent else self.model, attr, original)
+        """Puts the original blocks back, moved and cast as the model was
+        since :func:`patch` (``model.to("cuda")``, ``model.bfloat16()``).
+        Their weights are those from before patch (training the patched model
+        does not change them), or those the last ``save_pretrained`` of the
+        patched model wrote, unless ``copy_weights``: then each replacement's
+        weights are written into its block first (:func:`to_hf`), so that a
+        fine-tuned model goes back to Hugging Face's layout."""
+        if copy_weights:
+            self._write_weights_into_originals()
+        else:
+            self._originals_follow_the_model()
+        self._swap(originals=True)
         for hook in self._hooks:
             hook.remove()
         _wrap_checkpointing(self.model, None)
         for module in self.model.modules():
-            if isinstance(module.__dict__.get("_set_gradient_checkpointing"), _PinningEnabler):
-                del module._set_gradient_checkpointing
-        self.blocks, self._hooks = [], []
+            for name, kind in (("_set_gradient_checkpointing", _PinningEnabler),
+                               ("save_pretrained", _HuggingFaceLayoutSaving)):
+                if isinstance(module.__dict__.get(name), kind):
+                    delattr(module, name)
+        self.blocks, self._hooks, self._placements = [], [], []
+
+    def _originals_follow_the_model(self) -> None:
+        """The original blocks are outside the model, so its ``.to()`` did not
+        reach them: each is moved and cast as its replacement's experts were."""
+        for index, (_, original, replacement) in enumerate(self.blocks):
+            device, dtype = self._placements[index]
+            w_in = replacement.moe.experts.w_in
+            if w_in.device != device:
+                original.to(w_in.device)
+            if w_in.dtype != dtype:
+                original.to(w_in.dtype)
+            self._placements[index] = (w_in.device, w_in.dtype)
+
+    def _write_weights_into_originals(self) -> None:
+        self._originals_follow_the_model()
+        # Every block is checked before any is written.
+        _write([pair for _, original, replacement in self.blocks
+                for pair in _checked_pairs(replacement.moe, original)])
+
+    def _swap(self, originals: bool) -> None:
+        for qualified, original, replacement in self.blocks:
+            parent, _, attr = qualified.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, attr,
+                    original if originals else replacement)
+
+
+class _HuggingFaceLayoutSaving:
+    """Stands in for ``save_pretrained`` of a patched model (and of each
+    Hugging Face model in it that holds a patched block): writes the patched
+    blocks' weights into the original blocks (:func:`to_hf`, which refuses
+    what a block cannot hold) and saves with those in place, in Hugging
+    Face's own layout, which ``from_pretrained`` of the unpatched class
+    loads; the model stays patched. A pickled or deep-copied model holds no
+    original blocks (its save_pretrained refuses)."""
+
+    def __init__(self, model: nn.Module, handle: Optional[PatchHandle]):
+        self.model, self.handle = model, handle
+
+    def __getstate__(self):
+        return {"model": self.model, "handle": None}
+
+    def __call__(self, *args, **kwargs):
+        handle = self.handle
+        if handle is None:
+            raise ValueError(
+                "moe_routing.hf: save_pretrained of a copy of a patched model (pickled or "
+                "deep-copied): the copy holds no original Hugging Face blocks to write its weights "
+                "into. Save the patched model itself, or copy it after handle.undo(), or save "
+                "its state_dict() (moe_routing's layout, which loads into a patched model)")
+        given = kwargs.get("state_dict")
+        if given is not None and not set(given).isdisjoint(self._patched_names()):
+            warnings.warn(
+                "moe_routing.hf: save_pretrained(state_dict=...) of a patched model saves the "
+                "given state dict, whose patched blocks are in moe_routing's layout, which "
+                "Hugging Face's from_pretrained does not load; leave state_dict out to save "
+                "Hugging Face's layout", stacklevel=2)
+        handle._write_weights_into_originals()
+        handle._swap(originals=True)
+        try:
+            return type(self.model).save_pretrained(self.model, *args, **kwargs)
+        finally:
+            handle._swap(originals=False)
+
+    def _patched_names(self) -> set:
+        replacements = {id(replacement) for _, _, replacement in self.handle.blocks}
+        return {f"{name}.{key}" for name, module in self.model.named_modules()
+                if id(module) in replacements for key in module.state_dict()}
 
 
 def patch(model: nn.Module, **overrides) -> PatchHandle:
@@ -997,8 +1076,11 @@ def patch(model: nn.Module, **overrides) -> PatchHandle:
     backward routes with the mask of its own forward, even after later
     forwards. The model keeps
     working with ``generate()`` and a KV cache, pickles and deep-copies.
+    Its ``save_pretrained`` saves Hugging Face's own layout (the patched
+    weights written into the original blocks), which ``from_pretrained`` of
+    the unpatched class loads; ``state_dict()`` keeps this layer's layout.
     Returns a :class:`PatchHandle`; its ``undo()`` restores the original
-    blocks (their own, untouched weights; ``undo(copy_weights=True)``
+    blocks (their own weights; ``undo(copy_weights=True)``
     writes the patched model's weights into them). ``output_router_logits=True``
     (Hugging Face's own balancing loss) is refused: use ``aux_loss_weight``."""
     if getattr(getattr(model, "config", None), "output_router_logits", False):
@@ -1021,7 +1103,7 @@ def patch(model: nn.Module, **overrides) -> PatchHandle:
         family = _FAMILIES.get(type(block).__name__)
         replacement = MaskedMoE(from_hf(block, **overrides), masks, name,
                                 family is not None and family.returns_tuple)
-        handle.blocks.append((qualified, block, replacement))
+        handle._add(qualified, block, replacement)
     for qualified, _, replacement in handle.blocks:
         parent, _, attr = qualified.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, replacement)
@@ -1034,6 +1116,8 @@ def patch(model: nn.Module, **overrides) -> PatchHandle:
     for m in holders:
         if callable(getattr(type(m), "_set_gradient_checkpointing", None)):
             m._set_gradient_checkpointing = _PinningEnabler(m, masks)
+        if callable(getattr(type(m), "save_pretrained", None)):
+            m.save_pretrained = _HuggingFaceLayoutSaving(m, handle)
     return handle
 
 

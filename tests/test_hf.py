@@ -744,26 +744,85 @@ def _perturb(moe):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_undo_with_copy_weights_keeps_the_fine_tuned_function(family, tmp_path):
-    """A patched model, trained (weights moved), goes back to Hugging Face's
-    blocks with the trained weights: the same logits, and they survive
-    save_pretrained / from_pretrained into the unpatched class (before,
-    undo() restored the weights from before patching and save_pretrained
-    wrote names from_pretrained ignored)."""
+def test_a_fine_tuned_patched_model_saves_and_undoes_into_hugging_faces_layout(family, tmp_path):
+    """A patched model, trained (weights moved), saves with save_pretrained a
+    checkpoint that from_pretrained of the unpatched class loads with the
+    trained function, and stays patched (before, it saved this layer's
+    names, which from_pretrained ignored); trained further, it goes back to
+    Hugging Face's blocks with undo(copy_weights=True), with the same logits,
+    which survive save_pretrained / from_pretrained too (before,
+    undo() restored the weights from before patching)."""
     model = tiny(family)
     handle = mrhf.patch(model)
+    ids = torch.randint(0, 64, (2, 9))
+    expected = {}
+    with torch.no_grad():
+        for saved in ("patched", "undone"):
+            for _, _, replacement in handle.blocks:
+                _perturb(replacement.moe)
+            expected[saved] = model(input_ids=ids).logits
+            if saved == "patched":
+                model.save_pretrained(tmp_path / saved)
+                assert not blocks(model) and len(handle.blocks) == 2  # still patched
+                torch.testing.assert_close(model(input_ids=ids).logits, expected[saved],
+                                           rtol=0, atol=0)
+        handle.undo(copy_weights=True)
+        assert len(blocks(model)) == 2
+        torch.testing.assert_close(model(input_ids=ids).logits, expected["undone"],
+                                   rtol=1e-5, atol=1e-5)
+        model.save_pretrained(tmp_path / "undone")
+        for saved, logits in expected.items():
+            reloaded = type(model).from_pretrained(tmp_path / saved)
+            assert len(blocks(reloaded)) == 2
+            torch.testing.assert_close(reloaded(input_ids=ids).logits, logits,
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_save_pretrained_of_the_base_model_and_what_it_refuses(tmp_path):
+    """The base model (model.model) saves Hugging Face's layout too; a learned
+    balancing bias that the blocks cannot hold is refused with the model
+    left patched; an explicit state_dict in this layer's layout is saved as
+    given, with a warning; a deep copy (no original blocks) refuses; undo()
+    takes the replacement back out."""
+    model = tiny("mixtral")
+    handle = mrhf.patch(model, bias_update_rate=1e-3)
     for _, _, replacement in handle.blocks:
         _perturb(replacement.moe)
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
-        expected = model(input_ids=ids).logits
-    handle.undo(copy_weights=True)
-    assert len(blocks(model)) == 2
+        expected = model.model(input_ids=ids).last_hidden_state
+        model.model.save_pretrained(tmp_path / "base")
+        reloaded = transformers.MixtralModel.from_pretrained(tmp_path / "base")
+        torch.testing.assert_close(reloaded(input_ids=ids).last_hidden_state, expected,
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="saves the given state dict"):
+        model.save_pretrained(tmp_path / "given", state_dict=model.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
-        model.save_pretrained(tmp_path)
-        reloaded = type(model).from_pretrained(tmp_path)
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        handle.blocks[1][2].moe.router.bias.fill_(0.1)
+    with pytest.raises(ValueError, match="learned a balancing bias"):
+        model.save_pretrained(tmp_path / "refused")
+    assert not blocks(model) and len(handle.blocks) == 2
+    with pytest.raises(ValueError, match="save_pretrained of a copy of a patched model"):
+        copy.deepcopy(model).save_pretrained(tmp_path / "copy")
+    handle.undo()
+    assert "save_pretrained" not in model.__dict__ and "save_pretrained" not in model.model.__dict__
+
+
+def test_undo_follows_the_models_moves_since_patch():
+    """The original blocks are outside a patched model, so model.bfloat16()
+    does not reach them; undo() casts them as the model was cast (before,
+    the model came back with float32 blocks in a bfloat16 model)."""
+    model, untouched = tiny("qwen3_moe"), tiny("qwen3_moe")
+    handle = mrhf.patch(model)
+    model.to(torch.bfloat16)
+    handle.undo()
+    untouched.to(torch.bfloat16)
+    ids = torch.randint(0, 64, (2, 9))
+    for block in blocks(model):
+        assert {p.dtype for p in block.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, untouched(input_ids=ids).logits,
+                                   rtol=0, atol=0)
 
 
 def test_a_refused_undo_with_copy_weights_writes_nothing():
