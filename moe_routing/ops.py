@@ -64,7 +64,9 @@ def route(
 
     Returns:
         ``Routing(weights [T,k], experts [T,k] int64, scores [T,E])``; ties go to
-        the lower expert index and each token's choices are by descending score.
+        the lower expert index and each token's choices are by descending
+        selection score, ``scores + bias`` with a bias (as DeepSeek-V3's top-k
+        of the biased scores), so with a bias the weights need not descend.
         Differentiable in ``logits`` through ``weights`` and ``scores`` (once:
         differentiating the gradient again raises).
 

@@ -124,6 +124,11 @@ CASES = [
      r"expert_choice: scores must be 2-D \[T, E\]"),
     ("expert_choice", "shape", lambda d: mr.expert_choice(torch.rand(T, E, device=d), 2, mask=ones(T, d=d)),
      r"expert_choice: mask must be bool"),
+    ("expert_choice_backward", "value",
+     lambda d: torch.ops.moe_routing.expert_choice_backward(torch.rand(2, 3, device=d),
+                                                            torch.full((2, 3), 7, device=d), 4),
+     r"expert_choice_backward: tokens\[\d, \d\] = 7 is out of range: expected -1 \(an empty slot\) "
+     r"or \[0, num_tokens=4\)"),
     # grouped_mm
     ("grouped_mm", "value", lambda d: mr.grouped_mm(torch.randn(5, 3, device=d), torch.randn(2, 3, 4, device=d),
                                                     torch.tensor([3, 3], device=d)),

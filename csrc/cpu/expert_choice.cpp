@@ -86,7 +86,7 @@ at::Tensor expert_choice_backward_cpu(const at::Tensor& grad_weights_in,
           const int64_t t = tok[e * C + c];
           if (t == -1) continue;
           TORCH_CHECK(t >= 0 && t < num_tokens, op, ": tokens[", e, ", ", c, "] = ", t,
-                      " is out of range [0, num_tokens=", num_tokens, ")");
+                      " is out of range: expected -1 (an empty slot) or [0, num_tokens=", num_tokens, ")");
           out[t * E + e] += g[e * C + c];
         }
       }
