@@ -278,22 +278,29 @@ class Router(nn.Module):
         counted by the training forwards since the last call (all micro-batches
         of a gradient-accumulation step), summed over ``group`` first when one
         is given (a ``torch.distributed`` process group, e.g.
-        ``dist.group.WORLD`` under DDP), then clears the count. A no-op when
-        nothing was counted or ``bias_update_rate`` is 0. Collective when
-        ``group`` is given: every rank of it must call it."""
+        ``dist.group.WORLD`` under DDP or FSDP, or a 1-D DeviceMesh), then
+        clears the count. A no-op when nothing was counted or
+        ``bias_update_rate`` is 0. Collective when ``group`` is given: every
+        rank of it must call it. The count is not in the state dict: take
+        checkpoints right after this call (nothing counted), so a resumed run
+        updates as the uninterrupted one."""
+        import torch.distributed as dist
+        if group is not None:
+            from .parallel import _resolve_group
+            group = _resolve_group(group, "Router.update_bias: group")
         if self.bias is None:
             return
         if self.pending_load is None:
             self.pending_load = self._new_count(self.bias.device)
         load = self.pending_load.clone()
-        import torch.distributed as dist
         if group is not None:
             dist.all_reduce(load, op=dist.ReduceOp.SUM, group=group)
         elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             _warn(f"Router.update_bias: no process group on a run of {dist.get_world_size()} "
-                  "processes, so each rank moves its bias by its own load alone (and DDP's "
-                  "buffer broadcast then keeps rank 0's); pass group=dist.group.WORLD (or the "
-                  "data-parallel group) to sum the load over the ranks first.")
+                  "processes, so each rank moves its bias by its own load alone (DDP's buffer "
+                  "broadcast then keeps rank 0's; under FSDP the ranks' biases drift apart); "
+                  "pass group=dist.group.WORLD (or the data-parallel group) to sum the load "
+                  "over the ranks first.")
         self.pending_load.zero_()
         # No load counted: mean - load is 0 and the bias stays (no host sync).
         load = load.to(self.bias.device, torch.float32)
@@ -538,9 +545,12 @@ class MoE(nn.Module):
             if k != 1:
                 raise ValueError(f"MoE: routing='balanced' (BASE layers) is top-1, got k={k}")
             router_options.setdefault("score", "sigmoid")  # BASE's sigmoid-gated expert
-        for factor in (capacity_factor, eval_capacity_factor):
-            if factor is not None and factor <= 0:
-                raise ValueError("MoE: capacity factors must be > 0")
+        for name, factor in (("capacity_factor", capacity_factor),
+                             ("eval_capacity_factor", eval_capacity_factor)):
+            if factor is not None and (isinstance(factor, bool)
+                                       or not isinstance(factor, (int, float)) or not factor > 0):
+                raise ValueError(f"MoE: {name} must be a number > 0, or None (dropless), "
+                                 f"got {factor!r}")
         if priority not in ("choice", "token", "score", "batch"):
             raise ValueError(
                 f"MoE: priority must be 'choice', 'token', 'score' or 'batch', got {priority!r}")

@@ -61,6 +61,12 @@ expert buffers are assembled in fixed order and every all-reduce here is an
 all_gather followed by a sum in rank order, so results do not depend on
 message arrival order.
 
+Checkpoints: each rank's expert weights have the names of every other
+rank's, so save the model's and optimizer's state dicts per rank (a file
+each) and load them with the same layout. torch.distributed.checkpoint takes
+same-named plain tensors for replicas and keeps one rank's: not supported
+here yet (it needs the expert weights as DTensors sharded over the group).
+
 Errors: a forward collective that fails or times out (the process group's timeout)
 raises a RuntimeError naming the layer (its qualified name after
 :func:`name_layers`, else ``MoE#<n>``, numbered in construction order) and the
@@ -92,20 +98,21 @@ def _fc():
     return fc
 
 
-def _resolve_group(expert_parallel):
-    """A ProcessGroup from a ProcessGroup or a 1-D DeviceMesh (a mesh dimension)."""
+def _resolve_group(group, what: str = "MoE: expert_parallel"):
+    """A ProcessGroup from a ProcessGroup or a 1-D DeviceMesh (a mesh
+    dimension); ``what`` names the argument in errors."""
     from torch.distributed.device_mesh import DeviceMesh
-    if isinstance(expert_parallel, DeviceMesh):
-        if expert_parallel.ndim != 1:
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
             raise ValueError(
-                "MoE: expert_parallel must be a 1-D DeviceMesh (a mesh dimension such as "
-                f"mesh['expert']) or a ProcessGroup, got a {expert_parallel.ndim}-D mesh "
-                f"with dimensions {expert_parallel.mesh_dim_names}")
-        return expert_parallel.get_group()
-    if isinstance(expert_parallel, dist.ProcessGroup):
-        return expert_parallel
-    raise ValueError("MoE: expert_parallel must be a ProcessGroup or a 1-D DeviceMesh, got "
-                     f"{type(expert_parallel).__name__}")
+                f"{what} must be a 1-D DeviceMesh (a mesh dimension such as "
+                f"mesh['expert']) or a ProcessGroup, got a {group.ndim}-D mesh "
+                f"with dimensions {group.mesh_dim_names}")
+        return group.get_group()
+    if isinstance(group, dist.ProcessGroup):
+        return group
+    raise ValueError(f"{what} must be a ProcessGroup or a 1-D DeviceMesh, got "
+                     f"{type(group).__name__}")
 
 
 class ExpertParallel:
@@ -177,10 +184,7 @@ def stats_group_of(group, layers) -> Optional[dist.ProcessGroup]:
             isinstance(group, dist.ProcessGroup) and dist.get_rank(group) < 0):
         raise ValueError(f"MoE: this rank (global rank {dist.get_rank()}) is not a member of "
                          "stats_group")
-    try:
-        group = _resolve_group(group)
-    except ValueError as error:
-        raise ValueError(str(error).replace("expert_parallel", "stats_group")) from None
+    group = _resolve_group(group, "MoE: stats_group")
     for routing, _, _ in layers:
         if routing != "tokens":  # the same on every rank: their configurations agree
             raise ValueError(f"MoE: stats_group needs routing='tokens' (its balancing loss is "

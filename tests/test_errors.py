@@ -258,8 +258,15 @@ def test_moe_rejects_bad_options():
                shared_swiglu_limit=3.0)
     with pytest.raises(ValueError, match="MoE: shared_swiglu_limit must be > 0, got -1"):
         mr.MoE(8, 16, 4, activation="swiglu_clamped", shared_hidden=8, shared_swiglu_limit=-1.0)
-    with pytest.raises(ValueError, match="MoE: capacity factors must be > 0"):
+    with pytest.raises(ValueError, match=r"MoE: capacity_factor must be a number > 0, or None "
+                                         r"\(dropless\), got 0.0"):
         mr.MoE(8, 16, 4, capacity_factor=0.0)
+    with pytest.raises(ValueError, match="MoE: eval_capacity_factor must be a number > 0, or None "
+                                         r"\(dropless\), got 'none'"):
+        mr.MoE(8, 16, 4, eval_capacity_factor="none")
+    with pytest.raises(ValueError, match="Router.update_bias: group must be a ProcessGroup or a "
+                                         "1-D DeviceMesh, got str"):
+        mr.MoE(8, 16, 4, bias_update_rate=0.1).update_bias(group="world")
     with pytest.raises(ValueError, match="MoE: min_capacity must be >= 0, got -1"):
         mr.MoE(8, 16, 4, min_capacity=-1)
     # Widths and counts: named errors (a zero width divided by zero in the

@@ -460,9 +460,19 @@ def _check_global_stats_edges(rank, world, state, options, x, mask, aux_ref):
     assert torch.equal(unpickled.aux_loss, local.aux_loss)
     # A 1-D DeviceMesh is a group too.
     from torch.distributed.device_mesh import init_device_mesh
-    meshed = layer(stats_group=init_device_mesh("cpu", (world,)))
+    world_mesh = init_device_mesh("cpu", (world,))
+    meshed = layer(stats_group=world_mesh)
     meshed(x, mask)
     _close(meshed.aux_loss, aux_ref, "aux_loss over a mesh")
+    # update_bias(group=) takes one as well (FSDP2 users hold a mesh): the
+    # same bias as with the process group (before, torch raised that the
+    # mesh was no process group).
+    by_group, by_mesh = layer(), layer()
+    for moe_, group in ((by_group, dist.group.WORLD), (by_mesh, world_mesh)):
+        moe_(x, mask)
+        moe_.update_bias(group=group)
+    assert torch.equal(by_mesh.router.bias, by_group.router.bias)
+    assert by_group.router.bias.abs().sum() > 0
     # Members disagreeing on the layer, and a rank outside the group: errors on
     # every rank at construction instead of a hang in the first forward.
     with pytest.raises(ValueError, match="members of stats_group disagree"):
