@@ -970,10 +970,17 @@ class PatchHandle:
         # original was last placed like them (see _originals_follow_the_model).
         self._placements: List[Tuple[torch.device, torch.dtype]] = []
 
-    def _add(self, qualified: str, original: nn.Module, replacement: MaskedMoE) -> None:
+    def _add(self, qualified: str, original: nn.Module, replacement: MaskedMoE,
+             overrides: dict) -> None:
         self.blocks.append((qualified, original, replacement))
         w_in = replacement.moe.experts.w_in
         self._placements.append((w_in.device, w_in.dtype))
+        self._hooks.append(replacement._register_load_state_dict_pre_hook(
+            _HuggingFaceLayoutLoading(self, original, overrides), with_module=True))
+        parent, _, attr = qualified.rpartition(".")
+        if parent:
+            self._hooks.append(self.model.get_submodule(parent)._register_load_state_dict_pre_hook(
+                _RenamedBlockCheck(attr, type(original).__name__), with_module=True))
 
     def undo(self, copy_weights: bool = False) -> None:
         """Puts the original blocks back, moved and cast as the model was
@@ -1021,6 +1028,89 @@ class PatchHandle:
             parent, _, attr = qualified.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, attr,
                     original if originals else replacement)
+
+
+class _HuggingFaceLayoutLoading:
+    """A load_state_dict pre-hook of a patched block: the state dict may hold
+    the block in this package's layout (``...moe.router.weight``, loaded as
+    it is) or in the original block's own names, as the patched model's
+    ``save_pretrained(..., save_original_format=False)`` writes them (loaded
+    into the original block, then converted as :func:`from_hf` converts; the
+    selection bias, learned part included, becomes the ``fixed_bias``). Any
+    other names under the block (Hugging Face's checkpoint format, e.g.
+    per-expert ``experts.0.gate_proj.weight``, which only ``from_pretrained``
+    converts) leave the block as it was, with a warning (which a strict load
+    follows with its error for the missing keys)."""
+
+    def __init__(self, handle: PatchHandle, original: nn.Module, overrides: dict):
+        self.handle, self.original, self.overrides = handle, original, overrides
+
+    def __getstate__(self):  # copies hold no original block (see _HuggingFaceLayoutSaving)
+        return {"handle": None, "original": None, "overrides": self.overrides}
+
+    def __call__(self, module, state_dict, prefix, *_):
+        names = [key for key in state_dict if key.startswith(prefix)]
+        if not names or any(key.startswith(prefix + "moe.") for key in names):
+            return  # this package's layout, or a state dict without the block
+        original = self.original
+        if original is None:
+            return _not_loaded(
+                f"moe_routing.hf: the patched block {prefix[:-1]!r} was not loaded: the state "
+                f"dict holds it under names ({', '.join(sorted(names)[:2])}, ...) that are not "
+                "this package's (moe.*), and this copy (pickled or deep-copied) of a patched "
+                "model holds no original block to read them with: load them into the patched "
+                "model itself, or load a state_dict() of a patched model")
+        theirs = {key[len(prefix):] for key in names}
+        if not set(original.state_dict()) <= theirs:
+            return _not_loaded(_checkpoint_format_message(prefix[:-1], names,
+                                                          type(original).__name__))
+        self.handle._originals_follow_the_model()
+        original.load_state_dict({key: state_dict.pop(prefix + key) for key in theirs})
+        converted = from_hf(original, **self.overrides)
+        for key, value in converted.state_dict().items():
+            state_dict[prefix + "moe." + key] = value
+        # What from_hf does not set keeps the layer's value.
+        for key, value in module.moe.state_dict().items():
+            state_dict.setdefault(prefix + "moe." + key, value)
+
+
+class _RenamedBlockCheck:
+    """A load_state_dict pre-hook of the module holding a patched block (its
+    layer): Hugging Face's checkpoint format may rename the block (Mixtral's
+    ``mlp`` is ``block_sparse_moe`` there), which the block's own hook never
+    sees; names in the layer that it does not have, and none for the block,
+    tell such a checkpoint from a state dict that leaves the block out."""
+
+    def __init__(self, attr: str, block_type: str):
+        self.attr, self.block_type = attr, block_type
+
+    def __call__(self, module, state_dict, prefix, *_):
+        if any(key.startswith(f"{prefix}{self.attr}.") for key in state_dict):
+            return
+        known = {prefix + key for key in module.state_dict()}
+        foreign = [key for key in state_dict if key.startswith(prefix) and key not in known]
+        if foreign:
+            _not_loaded(_checkpoint_format_message(prefix + self.attr, foreign, self.block_type))
+
+
+def _checkpoint_format_message(block: str, names: list, block_type: str) -> str:
+    return (f"moe_routing.hf: the patched block {block!r} was not loaded (it keeps its "
+            f"weights): the state dict holds it in Hugging Face's checkpoint format "
+            f"({', '.join(sorted(names)[:2])}, ...), neither this package's names (moe.*) nor "
+            f"{block_type}'s own, and only from_pretrained converts that format. To resume "
+            "from such a checkpoint, build the model with from_pretrained(checkpoint) of the "
+            "unpatched class and patch it (e.g. before "
+            "Trainer.train(resume_from_checkpoint=...)); or save with "
+            "save_pretrained(..., save_original_format=False) or state_dict()")
+
+
+def _not_loaded(message: str) -> None:
+    """A block's keys load_state_dict cannot use: a warning (transformers'
+    own MoE models lose the block with a line in the log); a strict load
+    then raises for the block's missing keys. (Load hooks cannot tell a
+    strict load: torch passes them strict=True always, and raises for
+    anything they add to the errors.)"""
+    warnings.warn(message, stacklevel=4)
 
 
 class _HuggingFaceLayoutSaving:
@@ -1103,7 +1193,7 @@ def patch(model: nn.Module, **overrides) -> PatchHandle:
         family = _FAMILIES.get(type(block).__name__)
         replacement = MaskedMoE(from_hf(block, **overrides), masks, name,
                                 family is not None and family.returns_tuple)
-        handle._add(qualified, block, replacement)
+        handle._add(qualified, block, replacement, overrides)
     for qualified, _, replacement in handle.blocks:
         parent, _, attr = qualified.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, replacement)

@@ -359,9 +359,15 @@ class Experts(nn.Module):
             if name not in self._parameters:
                 self.__dict__.setdefault(name, default)
 
-    def forward(self, buffer: torch.Tensor) -> torch.Tensor:
-        """buffer: [E, C, d_model] -> [E, C, d_model]."""
-        h = self._product(buffer, self.w_in, self.b_in)
+    def forward(self, x: torch.Tensor, counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [E, C, d_model] -> [E, C, d_model] (the capacity buffer); or,
+        with ``counts`` [E], dropless: x [R, d_model] rows packed by expert
+        (``counts`` rows each, as plan(capacity=None) lays them out) ->
+        [R, d_model]. One entry point, so that wrappers of the module (PEFT's
+        LoRA on ``w_in`` / ``w_out``) see every call."""
+        if counts is not None:
+            return self._forward_packed(x, counts)
+        h = self._product(x, self.w_in, self.b_in)
         return self._product(self._activate(h), self.w_out, self.b_out)
 
     @staticmethod
@@ -371,9 +377,7 @@ class Experts(nn.Module):
             return torch.bmm(buffer, weight)
         return torch.baddbmm(bias.to(buffer.dtype)[:, None, :], buffer, weight)
 
-    def forward_packed(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Dropless: rows [R, d_model] packed by expert (``counts`` [E] rows
-        each, as plan(capacity=None) lays them out) -> [R, d_model]."""
+    def _forward_packed(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # Under autocast grouped_mm casts like torch.bmm (csrc/autocast.cpp).
         h = self._packed_product(rows, self.w_in, self.b_in, counts)
         return self._packed_product(self._activate(h), self.w_out, self.b_out, counts)
@@ -735,7 +739,7 @@ class MoE(nn.Module):
             from . import parallel
             out = parallel.run_experts(self, rows, p.kept, rows_per_expert)
         elif C is None:  # dropless: the packed layout and grouped matrix products
-            out = self.experts.forward_packed(rows, p.kept)
+            out = self.experts(rows, p.kept)
         else:
             # combine takes the [E, C, H] result as it is: viewing it back to
             # [E*C, H] made torch.export guard on C != 1 for a dynamic T.

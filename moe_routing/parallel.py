@@ -395,7 +395,7 @@ def _run_dropless(moe, rows, kept):
              for e in range(El) for s in range(W)]
     index = (torch.cat(order) if order else torch.zeros(0, dtype=torch.long)).to(rows.device)
     per_expert = recv_counts.sum(0)
-    out = moe.experts.forward_packed(received.index_select(0, index), per_expert)
+    out = moe.experts(received.index_select(0, index), per_expert)
     inverse = torch.empty_like(index)
     inverse[index] = torch.arange(index.numel(), device=index.device)
     back = _all_to_all(ep, out.index_select(0, inverse), in_splits, out_splits,

@@ -839,3 +839,27 @@ def test_capacity_per_row_equals_each_row_alone():
     whole = mr.MoE(8, 16, 4, 2, expert_capacity=2)
     whole.load_state_dict(moe.state_dict())
     assert not torch.allclose(whole(x, mask), y)  # one capacity over all rows drops more
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.25])
+def test_experts_are_called_through_the_module_so_wrappers_see_every_call(capacity_factor):
+    """PEFT's LoRA on w_in / w_out (target_parameters) replaces the experts
+    module with a wrapper whose forward runs the inner one with changed
+    weights: both layouts must go through the module's call (the dropless
+    layer called a second method, which the wrapper lacks: AttributeError)."""
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.inner(*args, **kwargs)
+
+    torch.manual_seed(0)
+    moe = mr.MoE(16, 32, 4, 2, capacity_factor=capacity_factor, activation="swiglu")
+    x = torch.randn(3, 5, 16)
+    expected = moe(x)
+    moe.experts = Wrapper(moe.experts)
+    torch.testing.assert_close(moe(x), expected, rtol=0, atol=0)
+    assert moe.experts.calls == 1
