@@ -62,10 +62,9 @@ all_gather followed by a sum in rank order, so results do not depend on
 message arrival order.
 
 Checkpoints: each rank's expert weights have the names of every other
-rank's, so save the model's and optimizer's state dicts per rank (a file
-each) and load them with the same layout. torch.distributed.checkpoint takes
-same-named plain tensors for replicas and keeps one rank's: not supported
-here yet (it needs the expert weights as DTensors sharded over the group).
+rank's, which torch.distributed.checkpoint takes for replicas (it keeps one
+rank's); :func:`distributed_checkpointing` makes the state dicts hold them
+as DTensors sharded over the group. Without it, save per rank.
 
 Errors: a forward collective that fails or times out (the process group's timeout)
 raises a RuntimeError naming the layer (its qualified name after
@@ -118,14 +117,47 @@ def _resolve_group(group, what: str = "MoE: expert_parallel"):
 class ExpertParallel:
     """Per-layer expert-parallel state (held as ``moe._ep``)."""
 
-    def __init__(self, group, num_experts: int, name: str):
+    def __init__(self, group, num_experts: int, name: str, mesh=None):
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.num_experts = num_experts
         self.num_local = num_experts // self.world
         self.first_expert = self.rank * self.num_local
         self.name = name
         self.stats_group = dist.group.WORLD
+        self._meshes = {} if mesh is None else {mesh.device_type: mesh}
+
+    def mesh(self, device_type: str):
+        """The 1-D DeviceMesh of the group (the one the layer was given, or
+        one made from its process group), for DTensors on ``device_type``."""
+        if device_type not in self._meshes:
+            from torch.distributed.device_mesh import DeviceMesh
+            self._meshes[device_type] = DeviceMesh.from_group(self.group, device_type)
+        return self._meshes[device_type]
+
+    def sharded(self, local: torch.Tensor):
+        """This rank's [E/W, ...] expert tensor as a DTensor of the whole
+        [E, ...] one, sharded over the group (no copy)."""
+        from torch.distributed.tensor import DTensor, Shard
+        shape = torch.Size([self.num_experts, *local.shape[1:]])
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(local, self.mesh(local.device.type), [Shard(0)],
+                                  run_check=False, shape=shape, stride=stride)
+
+    def local(self, value: torch.Tensor) -> torch.Tensor:
+        """This rank's experts of a loaded value: a DTensor (resharded when
+        its layout is another one: a collective), a whole [E, ...] tensor,
+        or already the local [E/W, ...] one."""
+        from torch.distributed.tensor import DTensor, Shard
+        if isinstance(value, DTensor):
+            if (tuple(value.placements) == (Shard(0),)
+                    and value.device_mesh == self.mesh(value.device.type)):
+                return value.to_local()
+            value = value.full_tensor()
+        if value.dim() >= 1 and value.shape[0] == self.num_experts != self.num_local:
+            return value[self.first_expert:self.first_expert + self.num_local]
+        return value
 
     def __deepcopy__(self, memo):  # process groups are shared, not copied
         return self
@@ -238,7 +270,9 @@ def setup(moe: nn.Module, expert_parallel, *, num_experts: int, k: int, d_model:
     if num_experts % W != 0:
         raise ValueError(f"MoE: num_experts E={num_experts} must be divisible by the "
                          f"expert-parallel size W={W}")
-    return ExpertParallel(group, num_experts, name)
+    from torch.distributed.device_mesh import DeviceMesh
+    mesh = expert_parallel if isinstance(expert_parallel, DeviceMesh) else None
+    return ExpertParallel(group, num_experts, name, mesh)
 
 
 def name_layers(model: nn.Module, prefix: str = "") -> None:
@@ -553,6 +587,78 @@ def sync_gradients(model: nn.Module, mesh, params: str = "all") -> None:
             for p in same:
                 p.grad.copy_(flat[offset:offset + p.grad.numel()].view_as(p.grad))
                 offset += p.grad.numel()
+
+
+def distributed_checkpointing(model: nn.Module, *optimizers: torch.optim.Optimizer) -> None:
+    """Makes the state dicts of ``model`` and of ``optimizers`` hold each
+    expert-parallel layer's expert weights, and the optimizer state of
+    those (Adam's moments), as DTensors of the whole [E, ...] tensors,
+    sharded over the layer's expert-parallel group (Shard(0)), and their
+    load_state_dict take such DTensors, this rank's [E/W, ...] tensors or
+    whole [E, ...] ones. Without it torch.distributed.checkpoint takes the
+    ranks' same-named plain tensors for replicas and saves one rank's
+    experts alone; with it, the usual ``get_state_dict`` / ``dcp.save`` /
+    ``dcp.load`` / ``set_state_dict`` round trip restores every rank's, and
+    the checkpoint also loads into another expert-parallel size or a layer
+    without expert parallelism. Call it on every rank, once the optimizers
+    exist; plain ``torch.save`` of such state dicts pickles DTensors."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "_ep", None), ExpertParallel)]
+    for moe in layers:
+        hooks = _ShardedExperts(moe._ep)
+        moe.experts._register_state_dict_hook(hooks.save)
+        moe.experts._register_load_state_dict_pre_hook(hooks.load, with_module=True)
+    owners = {id(p): moe._ep for moe in layers for p in moe.experts.parameters()}
+    for optimizer in optimizers:
+        optimizer.register_state_dict_post_hook(_ShardedOptimizerState(owners, wrap=True))
+        optimizer.register_load_state_dict_pre_hook(_ShardedOptimizerState(owners, wrap=False))
+
+
+class _ShardedExperts:
+    """State-dict hooks of an expert-parallel layer's experts (see
+    :func:`distributed_checkpointing`)."""
+
+    def __init__(self, ep: ExpertParallel):
+        self.ep = ep
+
+    def save(self, module, state_dict, prefix, _metadata) -> None:
+        for name, _ in module.named_parameters(recurse=False):
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = self.ep.sharded(state_dict[prefix + name])
+
+    def load(self, module, state_dict, prefix, *_) -> None:
+        for name, _ in module.named_parameters(recurse=False):
+            if prefix + name in state_dict:
+                state_dict[prefix + name] = self.ep.local(state_dict[prefix + name])
+
+
+class _ShardedOptimizerState:
+    """Optimizer hooks: the state of expert-parallel parameters as DTensors
+    in ``state_dict()`` (``wrap``), back to this rank's tensors in
+    ``load_state_dict``. Saved states are matched to parameters by position
+    in the parameter groups, whatever their keys (indices, or the qualified
+    names torch.distributed.checkpoint puts there)."""
+
+    def __init__(self, owners: dict, wrap: bool):
+        self.owners, self.wrap = owners, wrap
+
+    def __call__(self, optimizer, state_dict):
+        from torch.distributed.tensor import DTensor
+        state = state_dict["state"]
+        for group, saved in zip(optimizer.param_groups, state_dict["param_groups"]):
+            for param, key in zip(group["params"], saved["params"]):
+                ep = self.owners.get(id(param))
+                if ep is None or key not in state:
+                    continue
+                converted = {}  # a new dict: state_dict() shares the optimizer's own
+                for name, value in state[key].items():
+                    if self.wrap and isinstance(value, torch.Tensor) \
+                            and value.shape == param.shape:  # not Adam's scalar step
+                        value = ep.sharded(value)
+                    elif not self.wrap and isinstance(value, DTensor):
+                        value = ep.local(value)
+                    converted[name] = value
+                state[key] = converted
+        return state_dict
 
 
 def _mesh_world(mesh):
