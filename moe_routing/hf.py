@@ -969,17 +969,23 @@ class PatchHandle:
         # Where and in which dtype each replacement's experts were when the
         # original was last placed like them (see _originals_follow_the_model).
         self._placements: List[Tuple[torch.device, torch.dtype]] = []
+        # The module holding each block and its attribute there: found by
+        # object, not by name, so a wrapper put around a layer later
+        # (activation checkpointing, per-layer compile) does not hide it.
+        self._parents: List[Tuple[nn.Module, str]] = []
 
     def _add(self, qualified: str, original: nn.Module, replacement: MaskedMoE,
              overrides: dict) -> None:
         self.blocks.append((qualified, original, replacement))
         w_in = replacement.moe.experts.w_in
         self._placements.append((w_in.device, w_in.dtype))
+        parent, _, attr = qualified.rpartition(".")
+        holder = self.model.get_submodule(parent) if parent else self.model
+        self._parents.append((holder, attr))
         self._hooks.append(replacement._register_load_state_dict_pre_hook(
             _HuggingFaceLayoutLoading(self, original, overrides), with_module=True))
-        parent, _, attr = qualified.rpartition(".")
         if parent:
-            self._hooks.append(self.model.get_submodule(parent)._register_load_state_dict_pre_hook(
+            self._hooks.append(holder._register_load_state_dict_pre_hook(
                 _RenamedBlockCheck(attr, type(original).__name__), with_module=True))
 
     def undo(self, copy_weights: bool = False) -> None:
@@ -1003,31 +1009,41 @@ class PatchHandle:
                                ("save_pretrained", _HuggingFaceLayoutSaving)):
                 if isinstance(module.__dict__.get(name), kind):
                     delattr(module, name)
-        self.blocks, self._hooks, self._placements = [], [], []
+        self.blocks, self._hooks, self._placements, self._parents = [], [], [], []
 
-    def _originals_follow_the_model(self) -> None:
+    def _originals_follow_the_model(self, move: bool = True) -> None:
         """The original blocks are outside the model, so its ``.to()`` did not
-        reach them: each is moved and cast as its replacement's experts were."""
+        reach them: each is cast, and with ``move`` moved, as its
+        replacement's experts were since. A save or a load casts only: moved,
+        they would hold a second copy of the experts on the accelerator."""
         for index, (_, original, replacement) in enumerate(self.blocks):
             device, dtype = self._placements[index]
             w_in = replacement.moe.experts.w_in
-            if w_in.device != device:
+            if move and w_in.device != device:
                 original.to(w_in.device)
+                device = w_in.device
             if w_in.dtype != dtype:
                 original.to(w_in.dtype)
-            self._placements[index] = (w_in.device, w_in.dtype)
+                dtype = w_in.dtype
+            self._placements[index] = (device, dtype)
 
-    def _write_weights_into_originals(self) -> None:
-        self._originals_follow_the_model()
+    def _write_weights_into_originals(self, move: bool = True) -> None:
+        self._originals_follow_the_model(move)
         # Every block is checked before any is written.
         _write([pair for _, original, replacement in self.blocks
                 for pair in _checked_pairs(replacement.moe, original)])
 
     def _swap(self, originals: bool) -> None:
-        for qualified, original, replacement in self.blocks:
-            parent, _, attr = qualified.rpartition(".")
-            setattr(self.model.get_submodule(parent) if parent else self.model, attr,
-                    original if originals else replacement)
+        """Puts the originals (or back the replacements) in their modules,
+        after checking that every one still holds what patch() put there:
+        nothing is swapped when one does not."""
+        for (qualified, original, replacement), (holder, attr) in zip(self.blocks, self._parents):
+            if holder._modules.get(attr) is not (replacement if originals else original):
+                raise ValueError(
+                    f"moe_routing.hf: {qualified!r} no longer holds the block patch() put there "
+                    "(replaced or removed since): nothing was swapped")
+        for (_, original, replacement), (holder, attr) in zip(self.blocks, self._parents):
+            setattr(holder, attr, original if originals else replacement)
 
 
 class _HuggingFaceLayoutLoading:
@@ -1061,11 +1077,18 @@ class _HuggingFaceLayoutLoading:
                 "model holds no original block to read them with: load them into the patched "
                 "model itself, or load a state_dict() of a patched model")
         theirs = {key[len(prefix):] for key in names}
-        if not set(original.state_dict()) <= theirs:
+        needed = set(original.state_dict())
+        if theirs < needed:
+            return _not_loaded(
+                f"moe_routing.hf: the patched block {prefix[:-1]!r} was not loaded (it keeps its "
+                f"weights): the state dict holds only part of {type(original).__name__}'s "
+                f"weights ({', '.join(sorted(theirs)[:2])}, ...), which are read whole")
+        if not needed <= theirs:
             return _not_loaded(_checkpoint_format_message(prefix[:-1], names,
                                                           type(original).__name__))
-        self.handle._originals_follow_the_model()
-        original.load_state_dict({key: state_dict.pop(prefix + key) for key in theirs})
+        self.handle._originals_follow_the_model(move=False)
+        # Other names under the block stay for load_state_dict's unexpected keys.
+        original.load_state_dict({key: state_dict.pop(prefix + key) for key in needed})
         converted = from_hf(original, **self.overrides)
         for key, value in converted.state_dict().items():
             state_dict[prefix + "moe." + key] = value
@@ -1087,10 +1110,21 @@ class _RenamedBlockCheck:
     def __call__(self, module, state_dict, prefix, *_):
         if any(key.startswith(f"{prefix}{self.attr}.") for key in state_dict):
             return
-        known = {prefix + key for key in module.state_dict()}
+        known = {prefix + key for key in _state_names(module)}
         foreign = [key for key in state_dict if key.startswith(prefix) and key not in known]
         if foreign:
             _not_loaded(_checkpoint_format_message(prefix + self.attr, foreign, self.block_type))
+
+
+def _state_names(module: nn.Module) -> set:
+    """The keys of ``module.state_dict()``, without running its hooks."""
+    names = set()
+    for prefix, sub in module.named_modules():
+        dot = prefix + "." if prefix else ""
+        names.update(dot + name for name, p in sub._parameters.items() if p is not None)
+        names.update(dot + name for name, b in sub._buffers.items()
+                     if b is not None and name not in sub._non_persistent_buffers_set)
+    return names
 
 
 def _checkpoint_format_message(block: str, names: list, block_type: str) -> str:
@@ -1143,8 +1177,8 @@ class _HuggingFaceLayoutSaving:
                 "given state dict, whose patched blocks are in moe_routing's layout, which "
                 "Hugging Face's from_pretrained does not load; leave state_dict out to save "
                 "Hugging Face's layout", stacklevel=2)
-        handle._write_weights_into_originals()
-        handle._swap(originals=True)
+        handle._write_weights_into_originals(move=False)
+        handle._swap(originals=True)  # checks every block before it swaps any
         try:
             return type(self.model).save_pretrained(self.model, *args, **kwargs)
         finally:

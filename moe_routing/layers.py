@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import operator
 import os
 import sys
@@ -552,7 +553,7 @@ class MoE(nn.Module):
         for name, factor in (("capacity_factor", capacity_factor),
                              ("eval_capacity_factor", eval_capacity_factor)):
             if factor is not None and (isinstance(factor, bool)
-                                       or not isinstance(factor, (int, float)) or not factor > 0):
+                                       or not isinstance(factor, numbers.Real) or not factor > 0):
                 raise ValueError(f"MoE: {name} must be a number > 0, or None (dropless), "
                                  f"got {factor!r}")
         if priority not in ("choice", "token", "score", "batch"):

@@ -151,10 +151,12 @@ class ExpertParallel:
         or already the local [E/W, ...] one."""
         from torch.distributed.tensor import DTensor, Shard
         if isinstance(value, DTensor):
-            if (tuple(value.placements) == (Shard(0),)
-                    and value.device_mesh == self.mesh(value.device.type)):
+            mesh = value.device_mesh
+            if (tuple(value.placements) == (Shard(0),) and mesh.ndim == 1
+                    and dist.get_process_group_ranks(mesh.get_group())
+                    == dist.get_process_group_ranks(self.group)):
                 return value.to_local()
-            value = value.full_tensor()
+            value = value.full_tensor()  # another layout: a collective
         if value.dim() >= 1 and value.shape[0] == self.num_experts != self.num_local:
             return value[self.first_expert:self.first_expert + self.num_local]
         return value
@@ -603,14 +605,19 @@ def distributed_checkpointing(model: nn.Module, *optimizers: torch.optim.Optimiz
     without expert parallelism. Call it on every rank, once the optimizers
     exist; plain ``torch.save`` of such state dicts pickles DTensors."""
     layers = [m for m in model.modules() if isinstance(getattr(m, "_ep", None), ExpertParallel)]
-    for moe in layers:
-        hooks = _ShardedExperts(moe._ep)
-        moe.experts._register_state_dict_hook(hooks.save)
-        moe.experts._register_load_state_dict_pre_hook(hooks.load, with_module=True)
+    for moe in layers:  # a second call (a new optimizer) adds no second hook
+        if not moe.experts.__dict__.get("_sharded_state_dict"):
+            hooks = _ShardedExperts(moe._ep)
+            moe.experts._register_state_dict_hook(hooks.save)
+            moe.experts._register_load_state_dict_pre_hook(hooks.load, with_module=True)
+            moe.experts._sharded_state_dict = True
     owners = {id(p): moe._ep for moe in layers for p in moe.experts.parameters()}
     for optimizer in optimizers:
+        if optimizer.__dict__.get("_sharded_state_dict"):
+            continue
         optimizer.register_state_dict_post_hook(_ShardedOptimizerState(owners, wrap=True))
         optimizer.register_load_state_dict_pre_hook(_ShardedOptimizerState(owners, wrap=False))
+        optimizer._sharded_state_dict = True
 
 
 class _ShardedExperts:
@@ -654,8 +661,10 @@ class _ShardedOptimizerState:
                     if self.wrap and isinstance(value, torch.Tensor) \
                             and value.shape == param.shape:  # not Adam's scalar step
                         value = ep.sharded(value)
-                    elif not self.wrap and isinstance(value, DTensor):
-                        value = ep.local(value)
+                    elif not self.wrap and isinstance(value, torch.Tensor) and (
+                            isinstance(value, DTensor) or value.shape[1:] == param.shape[1:]
+                            and value.dim() >= 1 and value.shape[0] == ep.num_experts):
+                        value = ep.local(value)  # a DTensor, or the whole [E, ...] tensor
                     converted[name] = value
                 state[key] = converted
         return state_dict

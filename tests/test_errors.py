@@ -261,6 +261,8 @@ def test_moe_rejects_bad_options():
     with pytest.raises(ValueError, match=r"MoE: capacity_factor must be a number > 0, or None "
                                          r"\(dropless\), got 0.0"):
         mr.MoE(8, 16, 4, capacity_factor=0.0)
+    import numpy as np
+    mr.MoE(8, 16, 4, capacity_factor=np.float32(1.25))  # a number from a config sweep
     with pytest.raises(ValueError, match="MoE: eval_capacity_factor must be a number > 0, or None "
                                          r"\(dropless\), got 'none'"):
         mr.MoE(8, 16, 4, eval_capacity_factor="none")

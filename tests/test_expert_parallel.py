@@ -520,6 +520,7 @@ def _checkpoint_worker(rank, world, path):
         for i in range(2):
             step(model, optimizer, i)
         parallel.distributed_checkpointing(model, optimizer)
+        parallel.distributed_checkpointing(model, optimizer)  # again: no second hook
         model_state, optimizer_state = get_state_dict(model, optimizer)
         assert model_state["1.experts.w_in"].shape == (4, 8, 16)  # the whole tensor, sharded
         dcp.save({"model": model_state, "optim": optimizer_state},
@@ -542,6 +543,25 @@ def _checkpoint_worker(rank, world, path):
         step(resumed, resumed_optimizer, 2)
         for a, b in zip(model.parameters(), resumed.parameters()):
             assert torch.equal(a, b), variant
+        # Whole [E, ...] tensors load too, the rank's experts sliced out
+        # (optimizer state as well: it loaded unsliced and step() failed).
+        def whole(value):  # a copy: a loaded optimizer would share Adam's step tensor
+            if hasattr(value, "full_tensor"):
+                return value.full_tensor()
+            return value.clone() if isinstance(value, torch.Tensor) else value
+
+        state = optimizer.state_dict()
+        state["state"] = {key: {name: whole(value) for name, value in entry.items()}
+                          for key, entry in state["state"].items()}
+        resumed.load_state_dict({key: whole(value) for key, value in model.state_dict().items()})
+        resumed_optimizer.load_state_dict(state)
+        w_in = resumed[1].experts.w_in
+        assert torch.equal(w_in, model[1].experts.w_in), variant
+        assert torch.equal(resumed_optimizer.state[w_in]["exp_avg"],
+                           optimizer.state[model[1].experts.w_in]["exp_avg"]), variant
+        step(model, optimizer, 3)
+        step(resumed, resumed_optimizer, 3)
+        assert torch.equal(resumed[1].experts.w_in, model[1].experts.w_in), variant
 
 
 def test_distributed_checkpoint_restores_every_ranks_experts(tmp_path):

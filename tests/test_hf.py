@@ -800,13 +800,30 @@ def test_a_patched_model_loads_what_its_save_pretrained_wrote(family, tmp_path):
     model.save_pretrained(tmp_path / "checkpoint")
     resumed = tiny(family)
     mrhf.patch(resumed)
-    resumed.load_state_dict(load_file(tmp_path / "module" / "model.safetensors"), strict=False)
+    module_layout = load_file(tmp_path / "module" / "model.safetensors")
+    qualified, block = handle.blocks[0][:2]
+    # Another name under the block is left for load_state_dict's report (the
+    # block's own load was strict and raised).
+    module_layout[f"{qualified}.extra_thing"] = torch.zeros(1)
+    result = resumed.load_state_dict(module_layout, strict=False)
+    assert result.unexpected_keys == [f"{qualified}.extra_thing"]
     with torch.no_grad():
         torch.testing.assert_close(resumed(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    # Part of a block is not read (with a warning, not the checkpoint-format one).
+    part = {key: value for key, value in module_layout.items() if key.startswith(qualified + ".")}
+    part.pop(f"{qualified}.extra_thing")
+    part.pop(sorted(part)[0])
+    with pytest.warns(UserWarning, match="holds only part of"):
+        resumed.load_state_dict(part, strict=False)
     saved = load_file(tmp_path / "checkpoint" / "model.safetensors")
-    qualified, block = handle.blocks[0][:2]
     if all(f"{qualified}.{key}" in saved for key in block.state_dict()):
-        resumed.load_state_dict(saved, strict=False)  # the checkpoint format is the module's
+        # This family's checkpoint format is its module layout.
+        reloaded = tiny(family)
+        mrhf.patch(reloaded)
+        reloaded.load_state_dict(saved, strict=False)
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(input_ids=ids).logits, expected,
+                                       rtol=1e-5, atol=1e-5)
         return
     fresh = tiny(family)
     mrhf.patch(fresh)
@@ -850,6 +867,32 @@ def test_save_pretrained_of_the_base_model_and_what_it_refuses(tmp_path):
         copy.deepcopy(model).save_pretrained(tmp_path / "copy")
     handle.undo()
     assert "save_pretrained" not in model.__dict__ and "save_pretrained" not in model.model.__dict__
+
+
+def test_save_pretrained_and_undo_find_blocks_in_layers_wrapped_after_patch(tmp_path):
+    """Activation checkpointing's wrapper put around each layer after patch
+    (accelerate and FSDP users do) hides the blocks from their qualified
+    names: save_pretrained saved both layouts into one file and left a stray
+    block in the model, and undo() restored nothing. The handle finds each
+    block by the module holding it."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing)
+    model = tiny("qwen3_moe")
+    handle = mrhf.patch(model)
+    for _, _, replacement in handle.blocks:
+        _perturb(replacement.moe)
+    apply_activation_checkpointing(
+        model, check_fn=lambda m: type(m).__name__ == "Qwen3MoeDecoderLayer")
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        model.save_pretrained(tmp_path)
+        reloaded = type(model).from_pretrained(tmp_path)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        assert any(".moe." in key for key in model.state_dict())  # still patched
+        handle.undo(copy_weights=True)
+        assert len(blocks(model)) == 2 and not any(".moe." in key for key in model.state_dict())
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_undo_follows_the_models_moves_since_patch():
