@@ -649,7 +649,6 @@ class _ShardedOptimizerState:
         self.owners, self.wrap = owners, wrap
 
     def __call__(self, optimizer, state_dict):
-        from torch.distributed.tensor import DTensor
         state = state_dict["state"]
         for group, saved in zip(optimizer.param_groups, state_dict["param_groups"]):
             for param, key in zip(group["params"], saved["params"]):
@@ -661,10 +660,9 @@ class _ShardedOptimizerState:
                     if self.wrap and isinstance(value, torch.Tensor) \
                             and value.shape == param.shape:  # not Adam's scalar step
                         value = ep.sharded(value)
-                    elif not self.wrap and isinstance(value, torch.Tensor) and (
-                            isinstance(value, DTensor) or value.shape[1:] == param.shape[1:]
-                            and value.dim() >= 1 and value.shape[0] == ep.num_experts):
-                        value = ep.local(value)  # a DTensor, or the whole [E, ...] tensor
+                    elif not self.wrap and isinstance(value, torch.Tensor) \
+                            and value.dim() >= 1 and value.shape[1:] == param.shape[1:]:
+                        value = ep.local(value)  # a DTensor, a whole or a local tensor
                     converted[name] = value
                 state[key] = converted
         return state_dict
